@@ -1,0 +1,110 @@
+"""Command line of ``run_recbole_ilora.py``.
+
+Accepts what RecBole's ``run_recbole.py`` accepts -- ``--model``, ``--dataset``, ``--config_files``
+(space-separated YAML paths) and any RecBole setting as ``--key=value`` -- plus the plugin's own
+sub-commands. Overrides are converted with RecBole's own rules (``--epochs=3`` is an int,
+``--topk="[1,5]"`` a list) and take precedence over every YAML file.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Sequence
+
+EPILOG = """\
+Leaderboard (grid of models x datasets x seeds, resumable, exported as Markdown/CSV/LaTeX/JSON/PNG):
+  run_recbole_ilora.py --leaderboard properties/leaderboard.yaml
+  run_recbole_ilora.py --leaderboard properties/leaderboard.yaml --export_only
+Any other RecBole setting is given as --key=value, e.g.
+  run_recbole_ilora.py --model=SASRec --dataset=ml-100k --epochs=5 --train_batch_size=512
+  run_recbole_ilora.py --model=SASRec --dataset=ml-100k --eval_args="{'mode': 'full'}"
+Settings are merged over RecBole's defaults, then properties/overall.yaml, properties/dataset/<dataset>.yaml,
+properties/model/<model>.yaml, then --config_files, then these overrides.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="run_recbole_ilora.py",
+        description="Train and test RecBole models and the iLoRA plugin models (iLoRA, LLaRA, TALLRec).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--model", "-m", default="SASRec", help="model name: a plugin model or any RecBole model")
+    parser.add_argument("--dataset", "-d", default="ml-100k", help="dataset name (ml-100k ships with RecBole)")
+    parser.add_argument("--config_files", default=None, help="space-separated YAML config files")
+    parser.add_argument("--no_save", action="store_true", help="do not save checkpoints (tests the last model)")
+    leaderboard = parser.add_argument_group(
+        "leaderboard",
+        "run a grid of models x datasets x seeds instead of one model (--model and --dataset are then "
+        "ignored; --config_files, --no_save and every --key=value apply to every cell)",
+    )
+    leaderboard.add_argument("--leaderboard", metavar="GRID.yaml", default=None,
+                             help="grid file, e.g. properties/leaderboard.yaml; reruns resume unfinished cells")
+    leaderboard.add_argument("--results", metavar="PATH", default=None,
+                             help="results JSON-lines file (default <output_dir>/results.jsonl); "
+                                  "the exports are written beside it")
+    leaderboard.add_argument("--export_only", action="store_true",
+                             help="write the tables and plot from the results file without running any cell")
+    return parser
+
+
+class OverrideError(ValueError):
+    pass
+
+
+def parse_overrides(extra: Sequence[str]) -> dict:
+    """Turn ``["--epochs=3", "--learning_rate=1e-3"]`` into a dict of RecBole-typed values."""
+    overrides: dict = {}
+    for arg in extra:
+        if not arg.startswith("--") or "=" not in arg:
+            raise OverrideError(
+                f"Cannot read the argument {arg!r}: RecBole settings are given as --key=value "
+                f"(for example --epochs=3). See run_recbole_ilora.py --help."
+            )
+        key, value = arg[2:].split("=", 1)
+        if key in overrides and overrides[key] != value:
+            raise OverrideError(f"--{key} is given twice with different values.")
+        overrides[key] = value
+    return _convert_values(overrides)
+
+
+def _convert_values(overrides: dict) -> dict:
+    # RecBole's own conversion (eval of literals, true/false), without building a Config.
+    from recbole.config import Config as RecBoleConfig
+
+    return RecBoleConfig._convert_config_dict(None, dict(overrides))
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    try:
+        overrides = parse_overrides(extra)
+    except OverrideError as error:
+        parser.error(str(error))
+
+    import recbole_ilora  # noqa: F401 - applies the compatibility fixes before RecBole is used
+    from recbole_ilora.quick_start import run_recbole_ilora
+
+    config_files = args.config_files.strip().split(" ") if args.config_files else None
+    if args.leaderboard is not None:
+        from recbole_ilora.leaderboard import run_leaderboard
+
+        return run_leaderboard(
+            args.leaderboard,
+            results_path=args.results,
+            cli_overrides=overrides,
+            config_files=config_files,
+            saved=not args.no_save,
+            export_only=args.export_only,
+        )
+    if args.results is not None or args.export_only:
+        parser.error("--results and --export_only only apply with --leaderboard GRID.yaml.")
+    return run_recbole_ilora(
+        model=args.model,
+        dataset=args.dataset,
+        config_file_list=config_files,
+        config_dict=overrides,
+        saved=not args.no_save,
+    )

@@ -1,0 +1,223 @@
+"""Hybrid prompts (titles + behavioural tokens), assembled for a whole batch in tensor operations.
+
+A prompt is a sequence of *segments*: template text, a list of items, more template text, an optional
+candidate list, closing text, and (for training) the answer. An item is written as
+``<separator> <title tokens> [emb]`` where ``[emb]`` is one placeholder position whose input embedding
+iLoRA replaces by the projected SASRec embedding of that item (the "behavioural token").
+
+Every title is tokenised once per dataset and kept as a padded ``[num_items, max_title_tokens]``
+tensor; template pieces likewise. Assembly gathers those rows for the batch, lays all segments side
+by side with a validity mask, and compacts them left with one cumulative sum and one scatter: no
+Python loop over samples or tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from torch import nn
+
+TEXT, BEHAVIOUR, ANSWER = 0, 1, 2  # token kinds
+DEFAULT_PROMPT_FILE = Path(__file__).resolve().parent.parent / "properties" / "prompts.yaml"
+
+
+@dataclass
+class Prompts:
+    """A batch of assembled prompts, right-padded."""
+
+    input_ids: torch.Tensor  # [B, L] token ids (placeholders hold the pad id)
+    attention_mask: torch.Tensor  # [B, L] bool
+    behaviour_items: torch.Tensor  # [B, L] item id at [emb] placeholders, 0 elsewhere
+    kind: torch.Tensor  # [B, L] TEXT / BEHAVIOUR / ANSWER
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.attention_mask.sum(1)
+
+
+def load_templates(prompt_file: str | None, domain: str) -> dict:
+    """``{"train": [...], "eval": str, "ranking": str}`` templates of one domain from a YAML file."""
+    path = Path(prompt_file) if prompt_file else DEFAULT_PROMPT_FILE
+    with open(path, encoding="utf-8") as handle:
+        domains = yaml.safe_load(handle)
+    if domain not in domains:
+        raise ValueError(f"prompt_domain {domain!r} has no templates in {path}; known: {sorted(domains)}.")
+    templates = domains[domain]
+    for template in templates["candidates"]:
+        if "{history}" not in template or "{candidates}" not in template:
+            raise ValueError(f"Template in {path} [{domain}] needs {{history}} and {{candidates}}: {template!r}")
+    if "{history}" not in templates["ranking"] or "{candidates}" in templates["ranking"]:
+        raise ValueError(f"The ranking template of {path} [{domain}] needs {{history}} and no {{candidates}}.")
+    return templates
+
+
+def _split_template(template: str, num_candidates: int) -> list[str]:
+    """``"A {history} B {candidates} C"`` -> ``["A", " B", " C"]`` (no candidates: ``["A", " B"]``)."""
+    head, rest = template.replace("{num_candidates}", str(num_candidates)).split("{history}")
+    return [head, *rest.split("{candidates}")]
+
+
+class PromptBuilder(nn.Module):
+    """Tokenises titles and templates once; assembles batches of prompts on their device."""
+
+    def __init__(
+        self,
+        tokenizer,
+        titles: list[str],
+        templates: dict,
+        num_candidates: int,
+        max_title_tokens: int = 32,
+        item_separator: str = ",",
+    ):
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        encode = lambda texts: tokenizer(texts, add_special_tokens=False)["input_ids"]  # noqa: E731
+
+        # Titles are preceded by a space: they follow text or a separator inside the prompt.
+        title_ids, title_len = self._pad(encode([" " + t for t in titles]), max_title_tokens)
+        title_len[0] = 0  # item 0 is RecBole's padding item
+        self.register_buffer("title_ids", title_ids, persistent=False)
+        self.register_buffer("title_len", title_len, persistent=False)
+        self.register_buffer("separator_ids", torch.tensor(encode([item_separator])[0], dtype=torch.long), persistent=False)
+        self.register_buffer("answer_end_ids", torch.tensor(encode(["\n"])[0], dtype=torch.long), persistent=False)
+
+        self.titles = list(titles)
+        self.template_texts = list(templates["candidates"]) + [templates["ranking"]]
+        self.ranking_template = len(self.template_texts) - 1
+        self.num_candidates = None
+        self.set_num_candidates(num_candidates)
+
+    def set_num_candidates(self, num_candidates: int) -> None:
+        """Tokenise the template pieces for prompts that list ``num_candidates`` candidates."""
+        if num_candidates == self.num_candidates:
+            return
+        self.num_candidates = num_candidates
+        pieces = [_split_template(t, num_candidates) for t in self.template_texts]
+        pieces = [p + [""] * (3 - len(p)) for p in pieces]
+        # The first piece keeps the tokenizer's special prefix (BOS for Llama-2-style tokenizers), as a
+        # tokenised prompt would. Result: [num_templates, 3 pieces, max_len] ids and [num_templates, 3] lengths.
+        first = self.tokenizer([p[0] for p in pieces], add_special_tokens=True)["input_ids"]
+        others = [self.tokenizer([p[i] for p in pieces], add_special_tokens=False)["input_ids"] for i in (1, 2)]
+        padded = [self._pad(part, None) for part in (first, *others)]
+        width = max(ids.shape[1] for ids, _ in padded)
+        device = self.title_ids.device
+        self.piece_ids = torch.stack(
+            [nn.functional.pad(ids, (0, width - ids.shape[1]), value=self.pad_id) for ids, _ in padded], 1
+        ).to(device)
+        self.piece_len = torch.stack([lengths for _, lengths in padded], 1).to(device)
+
+    def _apply(self, fn, *args, **kwargs):
+        # piece_ids/piece_len are re-created by set_num_candidates, so they are plain attributes that
+        # follow the module's device here rather than buffers.
+        super()._apply(fn, *args, **kwargs)
+        self.piece_ids, self.piece_len = fn(self.piece_ids), fn(self.piece_len)
+        return self
+
+    def _pad(self, sequences: list[list[int]], max_len: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        lengths = torch.tensor([len(s) for s in sequences], dtype=torch.long)
+        width = max(1, int(lengths.max()) if max_len is None else min(max_len, int(lengths.max())))
+        ids = torch.full((len(sequences), width), self.pad_id, dtype=torch.long)
+        for row, seq in enumerate(sequences):  # once per dataset, not on the hot path
+            seq = seq[:width]
+            ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        return ids, lengths.clamp(max=width)
+
+    @property
+    def num_train_templates(self) -> int:
+        return self.ranking_template
+
+    # ----------------------------------------------------------------------------------------------
+    def _text(self, template: torch.Tensor, piece: int):
+        ids = self.piece_ids[template, piece]
+        valid = torch.arange(ids.shape[1], device=ids.device) < self.piece_len[template, piece, None]
+        return ids, valid, torch.zeros_like(ids), torch.full_like(ids, TEXT)
+
+    def _items(self, items: torch.Tensor, present: torch.Tensor, with_behaviour: bool):
+        """``[B, M]`` items -> one segment ``<sep> title [emb]`` per present item, sep before all but the first."""
+        batch, slots = items.shape
+        device = items.device
+        first_present = torch.cumsum(present.long(), 1) == 1
+        sep = self.separator_ids.expand(batch, slots, -1)
+        sep_valid = (present & ~first_present)[..., None].expand_as(sep)
+        title = self.title_ids[items]
+        title_valid = (torch.arange(title.shape[-1], device=device) < self.title_len[items][..., None]) & present[..., None]
+        emb = torch.full((batch, slots, 1), self.pad_id, dtype=torch.long, device=device)
+        emb_valid = present[..., None] & with_behaviour
+        ids = torch.cat([sep, title, emb], -1)
+        valid = torch.cat([sep_valid, title_valid, emb_valid], -1)
+        behaviour_items = torch.cat([torch.zeros_like(sep), torch.zeros_like(title), items[..., None]], -1)
+        kind = torch.cat([torch.full_like(sep, TEXT), torch.full_like(title, TEXT), torch.full_like(emb, BEHAVIOUR)], -1)
+        flat = lambda t: t.reshape(batch, -1)  # noqa: E731
+        return flat(ids), flat(valid), flat(behaviour_items), flat(kind)
+
+    def _answer(self, target: torch.Tensor):
+        title = self.title_ids[target]
+        valid = torch.arange(title.shape[1], device=title.device) < self.title_len[target][:, None]
+        end = self.answer_end_ids.expand(target.shape[0], -1)
+        ids = torch.cat([title, end], 1)
+        valid = torch.cat([valid, torch.ones_like(end, dtype=torch.bool)], 1)
+        return ids, valid, torch.zeros_like(ids), torch.full_like(ids, ANSWER)
+
+    @staticmethod
+    def _compact(segments, pad_id: int) -> Prompts:
+        ids, valid, items, kind = (torch.cat(parts, 1) for parts in zip(*segments))
+        position = torch.cumsum(valid.long(), 1) - 1
+        lengths = valid.sum(1)
+        width = int(lengths.max())
+        rows = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(ids)[valid]
+        cols = position[valid]
+        out_ids = torch.full((ids.shape[0], width), pad_id, dtype=torch.long, device=ids.device)
+        out_items = torch.zeros_like(out_ids)
+        out_kind = torch.full_like(out_ids, TEXT)
+        out_ids[rows, cols] = ids[valid]
+        out_items[rows, cols] = items[valid]
+        out_kind[rows, cols] = kind[valid]
+        mask = torch.arange(width, device=ids.device) < lengths[:, None]
+        return Prompts(out_ids, mask, out_items, out_kind)
+
+    def build(
+        self,
+        history: torch.Tensor,
+        history_present: torch.Tensor,
+        candidates: torch.Tensor | None,
+        template: torch.Tensor,
+        with_behaviour: bool = True,
+        target: torch.Tensor | None = None,
+        candidates_present: torch.Tensor | None = None,
+    ) -> Prompts:
+        """Assemble prompts for a batch.
+
+        history/history_present: ``[B, H]`` item ids and which slots hold an item. candidates:
+        ``[B, C]`` or None (ranking template, no list), candidates_present which of them to show
+        (default all). template: ``[B]`` template index. target:
+        ``[B]`` item whose title (+ newline) is appended as the answer, or None.
+        """
+        segments = [self._text(template, 0), self._items(history, history_present, with_behaviour), self._text(template, 1)]
+        if candidates is not None:
+            if candidates_present is None:
+                candidates_present = torch.ones_like(candidates, dtype=torch.bool)
+            segments += [self._items(candidates, candidates_present, with_behaviour), self._text(template, 2)]
+        if target is not None:
+            segments.append(self._answer(target))
+        return self._compact(segments, self.pad_id)
+
+    def answer_tokens(self, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[N]`` items -> ``([N, T] ids, [N, T] valid)`` of ``title + newline``, what the LLM must write."""
+        ids, valid, _, _ = self._answer(items)
+        return ids, valid
+
+    def decode(self, prompts: Prompts, row: int) -> str:
+        """Human-readable prompt with ``[emb]`` at behavioural positions (for logs and tests)."""
+        length = int(prompts.lengths[row])
+        text, run = [], []
+        for token, kind in zip(prompts.input_ids[row, :length].tolist(), prompts.kind[row, :length].tolist()):
+            if kind == BEHAVIOUR:
+                text.append(self.tokenizer.decode(run) + " [emb]")
+                run = []
+            else:
+                run.append(token)
+        return "".join(text) + self.tokenizer.decode(run)
