@@ -71,10 +71,12 @@ class PromptBuilder(nn.Module):
         num_candidates: int,
         max_title_tokens: int = 32,
         item_separator: str = ",",
+        pad_to_multiple_of: int = 1,
     ):
         super().__init__()
         self.tokenizer = tokenizer
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_to_multiple_of = max(1, int(pad_to_multiple_of or 1))
         encode = lambda texts: tokenizer(texts, add_special_tokens=False)["input_ids"]  # noqa: E731
 
         # Titles are preceded by a space: they follow text or a separator inside the prompt.
@@ -162,15 +164,15 @@ class PromptBuilder(nn.Module):
         valid = torch.cat([valid, torch.ones_like(end, dtype=torch.bool)], 1)
         return ids, valid, torch.zeros_like(ids), torch.full_like(ids, ANSWER)
 
-    @staticmethod
-    def _compact(segments, pad_id: int) -> Prompts:
+    def _compact(self, segments) -> Prompts:
         ids, valid, items, kind = (torch.cat(parts, 1) for parts in zip(*segments))
         position = torch.cumsum(valid.long(), 1) - 1
         lengths = valid.sum(1)
-        width = int(lengths.max())
+        # Rounding the width up bounds the number of distinct shapes torch.compile sees.
+        width = -(-int(lengths.max()) // self.pad_to_multiple_of) * self.pad_to_multiple_of
         rows = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(ids)[valid]
         cols = position[valid]
-        out_ids = torch.full((ids.shape[0], width), pad_id, dtype=torch.long, device=ids.device)
+        out_ids = torch.full((ids.shape[0], width), self.pad_id, dtype=torch.long, device=ids.device)
         out_items = torch.zeros_like(out_ids)
         out_kind = torch.full_like(out_ids, TEXT)
         out_ids[rows, cols] = ids[valid]
@@ -203,7 +205,7 @@ class PromptBuilder(nn.Module):
             segments += [self._items(candidates, candidates_present, with_behaviour), self._text(template, 2)]
         if target is not None:
             segments.append(self._answer(target))
-        return self._compact(segments, self.pad_id)
+        return self._compact(segments)
 
     def answer_tokens(self, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``[N]`` items -> ``([N, T] ids, [N, T] valid)`` of ``title + newline``, what the LLM must write."""

@@ -159,7 +159,7 @@ def test_packed_scoring_equals_scoring_each_candidate_alone(setup):
     user_repr = model._user_repr(interaction[first_row])
     with torch.no_grad():
         packed = model._score_items(prompts, user_repr, items, present)
-        model.score_chunk_tokens = 1  # one candidate per forward: the unpacked reference
+        model.score_pack_tokens = 1  # one candidate per forward: the unpacked reference
         alone = model._score_items(prompts, user_repr, items, present)
     torch.testing.assert_close(packed, alone, atol=1e-4, rtol=1e-4)
     # and against a plain forward of prompt + answer, without any cache

@@ -77,7 +77,7 @@ class iLoRA(SequentialRecommender):
         self.curriculum = config["curriculum"] and self.use_behaviour_tokens
         self.exclude_history_from_negatives = config["exclude_history_from_negatives"]
         self.gate_temperature = config["gate_temperature"]
-        self.score_chunk_tokens = config["score_chunk_tokens"]
+        self.score_pack_tokens = config["score_pack_tokens"]
         self.seed = config["seed"]
         self.training_progress = 0.0  # set by the trainer: fraction of optimisation steps done
         if self.num_candidates > self.n_items - 1:
@@ -92,7 +92,8 @@ class iLoRA(SequentialRecommender):
         corpus = titles + templates["candidates"] + [templates["ranking"]]
         llm, tokenizer = load_llm(config["llm_path"], self.llm_dtype, corpus=corpus)
         self.llm = self._add_lora(llm, config)
-        self.prompt = PromptBuilder(tokenizer, titles, templates, self.num_candidates, config["max_title_tokens"])
+        self.prompt = PromptBuilder(tokenizer, titles, templates, self.num_candidates, config["max_title_tokens"],
+                                    pad_to_multiple_of=config["pad_to_multiple_of"])
         hidden_size = llm.get_input_embeddings().embedding_dim
 
         self.gate_state = None
@@ -240,6 +241,7 @@ class iLoRA(SequentialRecommender):
             history, present, candidates, template, with_behaviour=self.use_behaviour_tokens and not text_only,
             target=target,
         )
+        self.last_batch_tokens = prompts.lengths.sum()  # for throughput reports (a tensor: no GPU sync here)
         with self._gated(self._user_repr(interaction)):
             hidden = self.decoder(
                 inputs_embeds=self._input_embeddings(prompts), attention_mask=prompts.attention_mask.long(), use_cache=False
@@ -303,10 +305,15 @@ class iLoRA(SequentialRecommender):
         return (total / count.clamp(min=1)).view(groups, slots)
 
     def _score_items(self, prompts: Prompts, user_repr, items: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
-        """Score ``[G, M]`` items after ``G`` prompts, in chunks of about ``score_chunk_tokens`` tokens."""
+        """Score ``[G, M]`` items after ``G`` prompts, packing about ``score_pack_tokens`` tokens per prompt.
+
+        Attention inside a packed continuation is dense (block-diagonal by mask), so its cost grows with
+        the square of the packed length: a few hundred tokens per prompt keep it negligible, and the
+        batch of prompts keeps the matrix products large.
+        """
         groups, slots = items.shape
         per_item = int(self.prompt.title_len[items].max()) + self.prompt.answer_end_ids.numel()
-        chunk = max(1, self.score_chunk_tokens // max(1, groups * per_item))
+        chunk = max(1, self.score_pack_tokens // per_item)
         scores = []
         with self._gated(user_repr):
             cache, last = self._encode_prompts(prompts)
