@@ -189,10 +189,10 @@ def stock_peft_step(model, args):
 
 
 # ------------------------------------------------------------------------------------------ evaluation
-def eval_batches(test, users):
+def eval_batches(test, users, device):
     batches, seen = [], 0
     for batched in test:
-        batches.append(batched[0])
+        batches.append(batched[0].to(device))
         seen += int(batched[1].max()) + 1
         if seen >= users:
             break
@@ -228,14 +228,14 @@ def score_without_cache(model, interaction):
 def bench_eval(model, test, args, device):
     model.eval()
     results = []
-    batches, users = eval_batches(test, args.eval_users)
+    batches, users = eval_batches(test, args.eval_users, device)
     with torch.no_grad():
         model.predict(batches[0])  # warm-up (and compilation)
         seconds, cached = timed(lambda: [model.predict(b) for b in batches], device)
     results.append({"variant": "uni19, prefix-cached packed scoring", "users": users, "seconds": seconds,
                     "users_per_s": users / seconds})
 
-    small, small_users = eval_batches(test, args.nocache_users)
+    small, small_users = eval_batches(test, args.nocache_users, device)
     with torch.no_grad():
         score_without_cache(model, small[0])
         seconds, plain = timed(lambda: [score_without_cache(model, b) for b in small], device)
@@ -244,7 +244,7 @@ def bench_eval(model, test, args, device):
     results.append({"variant": "uni19, full prompt per candidate (no cache)", "users": small_users,
                     "seconds": seconds, "users_per_s": small_users / seconds, "max_abs_score_diff": agreement})
 
-    gen, gen_users = eval_batches(test, args.generate_users)
+    gen, gen_users = eval_batches(test, args.generate_users, device)
     model.generate_answers(gen[0], args.max_new_tokens)
     seconds, counts = timed(lambda: [model.generate_answers(b, args.max_new_tokens) for b in gen], device)
     results.append({"variant": f"uni19, greedy generation ({args.max_new_tokens} new tokens)", "users": gen_users,

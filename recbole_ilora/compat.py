@@ -1,5 +1,5 @@
 """Make RecBole 1.2.1 work on today's stack: numpy 2, pandas 3, torch >= 2.6, setuptools without
-``pkg_resources``.
+``pkg_resources``; and undo one global side effect of importing it.
 
 RecBole 1.2.1 (its latest release) predates all four; no release fixes them. Every fix lives in this
 module, is applied once when :mod:`recbole_ilora` is imported, and has a test in
@@ -19,7 +19,12 @@ module, is applied once when :mod:`recbole_ilora` is imported, and has a test in
    ``Trainer.evaluate(load_best_model=True)`` and ``Trainer.resume_checkpoint`` refuse to load the
    files RecBole itself just wrote. These two loads get ``weights_only=False``: they read only
    checkpoints written by the local trainer (never load untrusted checkpoints).
-5. **ray / pkg_resources** -- ``recbole.quick_start`` imports ``ray.tune`` at module level, which
+5. **global autograd anomaly detection** -- ``recbole/model/sequential_recommender/sine.py`` calls
+   ``torch.autograd.set_detect_anomaly(True)`` at import, and importing *any* RecBole sequential model
+   (SASRec included) imports it: every later backward pass in the process checks every op's output
+   for NaN with a GPU sync, making LLM training ~5x slower (measured: 21k isnan/any/item calls in 3
+   steps). We import RecBole's models once and switch it off again.
+6. **ray / pkg_resources** -- ``recbole.quick_start`` imports ``ray.tune`` at module level, which
    fails on setuptools >= 81 (no ``pkg_resources``) and then on numpy 2 (``np.bool8``). Ray is only
    used for hyper-parameter search, so :mod:`recbole_ilora.quick_start` replaces RecBole's quick
    start and never imports it (nothing to patch here; the test checks we stay independent of it).
@@ -141,6 +146,10 @@ def apply() -> None:
     configurator.Config.compatibility_settings = _numpy_compatibility_settings
     for (module_name, class_name, method_name), fixes in _SOURCE_FIXES.items():
         _patch_source(module_name, class_name, method_name, fixes)
+    import torch
+    import recbole.model.sequential_recommender  # noqa: F401 - imports sine.py, which enables anomaly mode
+
+    torch.autograd.set_detect_anomaly(False)
     _APPLIED = True
 
 

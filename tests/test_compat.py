@@ -106,3 +106,14 @@ def test_every_fix_is_applied():
 def test_version_mismatch_fails_loudly():
     with pytest.raises(compat.RecBoleVersionError, match="recbole==1.2.1"):
         compat._patch_source("recbole.data.dataset.dataset", "Dataset", "_fill_nan", [("not in the source", "x", 1)])
+
+
+def test_importing_recbole_models_leaves_anomaly_detection_off():
+    import torch
+    from recbole.model.sequential_recommender import SASRec  # noqa: F401
+
+    assert not torch.is_anomaly_enabled()
+    # RecBole alone switches it on for the whole process (sine.py), which slows every backward pass:
+    code = "import torch, recbole.model.sequential_recommender; print(torch.is_anomaly_enabled())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().endswith("True")
