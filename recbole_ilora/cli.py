@@ -15,6 +15,9 @@ EPILOG = """\
 Leaderboard (grid of models x datasets x seeds, resumable, exported as Markdown/CSV/LaTeX/JSON/PNG):
   run_recbole_ilora.py --leaderboard properties/leaderboard.yaml
   run_recbole_ilora.py --leaderboard properties/leaderboard.yaml --export_only
+Several processes (DDP: gloo on CPU, nccl on GPU; train_batch_size stays the global batch):
+  run_recbole_ilora.py --model=iLoRA --dataset=ml-100k --nproc=4 --gpu_id=0,1,2,3
+  torchrun --nproc_per_node=4 run_recbole_ilora.py --model=iLoRA --dataset=ml-100k
 Any other RecBole setting is given as --key=value, e.g.
   run_recbole_ilora.py --model=SASRec --dataset=ml-100k --epochs=5 --train_batch_size=512
   run_recbole_ilora.py --model=SASRec --dataset=ml-100k --eval_args="{'mode': 'full'}"
@@ -89,18 +92,29 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     config_files = args.config_files.strip().split(" ") if args.config_files else None
     if args.leaderboard is not None:
-        from recbole_ilora.leaderboard import run_leaderboard
+        from recbole_ilora.leaderboard import GridSpecError, run_leaderboard
 
-        return run_leaderboard(
-            args.leaderboard,
-            results_path=args.results,
-            cli_overrides=overrides,
-            config_files=config_files,
-            saved=not args.no_save,
-            export_only=args.export_only,
-        )
+        try:
+            return run_leaderboard(
+                args.leaderboard,
+                results_path=args.results,
+                cli_overrides=overrides,
+                config_files=config_files,
+                saved=not args.no_save,
+                export_only=args.export_only,
+            )
+        except GridSpecError as error:
+            parser.error(f"{args.leaderboard}: {error}")
     if args.results is not None or args.export_only:
         parser.error("--results and --export_only only apply with --leaderboard GRID.yaml.")
+    # distributed: --nproc=N (mp.spawn, RecBole's settings nproc/world_size/ip/port/group_offset) or torchrun.
+    from recbole_ilora import distributed
+
+    launch = distributed.pop_launch_settings(overrides)
+    if distributed.torchrun_settings():
+        overrides.update(distributed.torchrun_settings())
+    elif distributed.wants_spawn(launch):
+        return distributed.spawn(args.model, args.dataset, config_files, overrides, saved=not args.no_save, **launch)
     return run_recbole_ilora(
         model=args.model,
         dataset=args.dataset,

@@ -54,3 +54,13 @@ class Config(RecBoleConfig):
                 loaded = self._update_internal_config_dict(str(path)) or {}
                 if path.parent.name == "dataset":
                     self.parameters["Dataset"] += [k for k in loaded if k not in self.parameters["Dataset"]]
+
+    # --- distributed (recbole_ilora.distributed) -----------------------------------------------------
+    def _init_device(self):
+        # RecBole's own only knows NCCL on CUDA; with ``local_rank`` set (--nproc, torchrun) the plugin's
+        # also runs gloo on CPU. Without it (one process) RecBole's is used unchanged.
+        if "local_rank" not in self.final_config_dict:
+            return super()._init_device()
+        from recbole_ilora.distributed import init_distributed_device
+
+        init_distributed_device(self.final_config_dict)

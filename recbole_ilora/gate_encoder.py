@@ -34,6 +34,10 @@ def item_tokens_digest(dataset) -> str:
     return hashlib.sha256("\x1f".join(tokens.tolist()).encode()).hexdigest()[:16]
 
 
+# Settings passed on that do not change the trained encoder, so they stay out of its cache key.
+_COSMETIC_KEYS = ("show_progress", "state", "checkpoint_dir", "gpu_id", "use_gpu", "worker")
+
+
 def _gate_run_settings(config) -> dict:
     settings = {key: config[key] for key in _DATA_KEYS if key in config}
     settings.update(config["gate_sasrec"] or {})
@@ -51,7 +55,8 @@ def gate_encoder_checkpoint(config) -> Path:
             )
         return path
     settings = _gate_run_settings(config)
-    key = json.dumps({"dataset": config["dataset"], **settings}, sort_keys=True, default=str)
+    defining = {k: v for k, v in settings.items() if k not in _COSMETIC_KEYS}
+    key = json.dumps({"dataset": config["dataset"], **defining}, sort_keys=True, default=str)
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     path = Path(config["checkpoint_dir"]) / "gate_encoders" / f"SASRec-{config['dataset']}-{digest}.pth"
     if path.is_file():

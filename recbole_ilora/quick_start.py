@@ -16,6 +16,7 @@ from recbole.data import create_dataset, data_preparation
 from recbole.data.transform import construct_transform
 from recbole.utils import get_environment, get_flops, init_logger, init_seed, set_color
 
+from recbole_ilora import distributed
 from recbole_ilora.config import Config
 from recbole_ilora.evaluation import RecordingEvaluator, per_user_metrics
 from recbole_ilora.utils import get_trainer, is_plugin_model
@@ -50,6 +51,7 @@ def run_recbole_ilora(
     init_seed(config["seed"], config["reproducibility"])
     handlers_before = set(logging.getLogger().handlers)
     init_logger(config)
+    distributed.quiet_other_ranks()  # distributed: only rank 0 logs
     try:
         return _train_and_test(config, saved, queue)
     finally:
@@ -67,10 +69,13 @@ def _train_and_test(config, saved, queue):
     dataset = create_dataset(config)
     logger.info(dataset)
     train_data, valid_data, test_data = data_preparation(config, dataset)
+    distributed.prepare_eval_loaders(config, valid_data, test_data)  # fixed_eval_negatives; unpadded shards
 
     init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
     model_class = config.model_class
-    model = model_class(config, train_data._dataset).to(config["device"])
+    # distributed: rank 0 builds first (pretrains and caches the gate encoder), the others then reuse it.
+    with distributed.main_process_first():
+        model = model_class(config, train_data._dataset).to(config["device"])
     logger.info(model)
     if not is_plugin_model(config["model"]):
         # thop profiling of an LLM forward is slow and meaningless for LoRA; keep it for baselines.
@@ -80,19 +85,22 @@ def _train_and_test(config, saved, queue):
     num_trainable = count_trainable_parameters(model)
     logger.info(set_color("Trainable parameters", "blue") + f": {num_trainable:,}")
 
-    trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
+    trainer_class = get_trainer(config["MODEL_TYPE"], config["model"])
+    if not config["single_spec"]:
+        trainer_class = distributed.distributed_trainer(trainer_class)  # DDP on CPU/gloo too; gathered metrics
+    trainer = trainer_class(config, model)
     trainer.evaluator = RecordingEvaluator(config)
     if torch.device(config["device"]).type == "cuda":
         torch.cuda.reset_peak_memory_stats(config["device"])
 
     start = time.perf_counter()
     best_valid_score, best_valid_result = trainer.fit(
-        train_data, valid_data, saved=saved, show_progress=config["show_progress"]
+        train_data, valid_data, saved=saved, show_progress=distributed.show_progress(config)
     )
     train_time = time.perf_counter() - start
 
     start = time.perf_counter()
-    test_result = trainer.evaluate(test_data, load_best_model=saved, show_progress=config["show_progress"])
+    test_result = trainer.evaluate(test_data, load_best_model=saved, show_progress=distributed.show_progress(config))
     eval_time = time.perf_counter() - start
     test_per_user = per_user_metrics(config, trainer.evaluator.last_struct)
 

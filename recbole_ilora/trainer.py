@@ -19,6 +19,8 @@ from recbole.trainer import Trainer
 from recbole.utils import set_color
 from tqdm.auto import tqdm
 
+from recbole_ilora import distributed
+
 
 class LLMTrainer(Trainer):
     def __init__(self, config, model):
@@ -93,20 +95,25 @@ class LLMTrainer(Trainer):
                        disable=not show_progress)
         max_norm = self.config["max_grad_norm"]
         total_loss = 0.0
+        distributed.set_sampler_epoch(train_data, epoch_idx)  # distributed: a new shard order every epoch
         self.optimizer.zero_grad(set_to_none=True)
         for batch_idx, interaction in enumerate(batches):
             interaction = interaction.to(self.device)
             self.model.training_progress = min(1.0, self.cur_step / self.total_steps)
-            loss = self.model.calculate_loss(interaction)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"Training loss is {loss.item()} at epoch {epoch_idx}, batch {batch_idx}: lower learning_rate "
-                    f"or check the data."
-                )
-            (loss / self.accumulation_steps).backward()
-            total_loss += loss.item()
             last_batch = batch_idx + 1 == num_batches
-            if (batch_idx + 1) % self.accumulation_steps == 0 or last_batch:
+            step_now = (batch_idx + 1) % self.accumulation_steps == 0 or last_batch
+            # distributed: calculate_loss runs as DDP's forward; gradients are all-reduced on the
+            # micro-batch that ends an accumulation window only (no_sync on the others).
+            with distributed.gradient_sync(self, step_now):
+                loss = distributed.training_loss(self, interaction)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(
+                        f"Training loss is {loss.item()} at epoch {epoch_idx}, batch {batch_idx}: lower learning_rate "
+                        f"or check the data."
+                    )
+                (loss / self.accumulation_steps).backward()
+            total_loss += loss.item()
+            if step_now:
                 if max_norm:
                     torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]], max_norm)
                 self.optimizer.step()
@@ -115,7 +122,7 @@ class LLMTrainer(Trainer):
                 self.cur_step += 1
             if show_progress:
                 batches.set_postfix(loss=f"{loss.item():.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
-        return total_loss / max(1, num_batches)
+        return distributed.mean_across_ranks(total_loss / max(1, num_batches))  # distributed: all ranks' mean
 
     # -------------------------------------------------------------------------------- checkpoints
     def _save_checkpoint(self, epoch, verbose=True, **kwargs):
@@ -179,6 +186,7 @@ class LLMTrainer(Trainer):
             interaction = batched_data[0].to(self.device)
             for key, value in self.model.generate_answers(interaction, self.config["generate_max_new_tokens"]).items():
                 counts[key] += value
+        counts = distributed.sum_across_ranks(counts)  # distributed: every rank scored its own users
         total = max(1, counts["total"])
         return {
             "gen_hr@1_valid": counts["correct"] / max(1, counts["valid"]),

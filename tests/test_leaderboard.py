@@ -1,0 +1,374 @@
+"""Leaderboard: grid spec, resumable results store, failures, significance tests and the exports.
+
+The end-to-end test runs a real tiny grid (Pop, GRU4Rec, LLaRA, iLoRA x 2 seeds, one epoch each on the
+ml-100k slice, the LLMs on ``tiny-random-llama``), interrupts it, resumes it and exports it. The other
+tests use a fake runner with hand-built per-user vectors, so they take no training time.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from scipy import stats
+
+from recbole_ilora.cli import main as cli_main
+from recbole_ilora.leaderboard import (
+    GridSpec,
+    GridSpecError,
+    ResultsStore,
+    build_leaderboard,
+    config_hash,
+    load_grid_spec,
+    paired_test,
+    pool_pairs,
+    run_grid,
+    run_leaderboard,
+)
+from recbole_ilora.leaderboard.significance import POOL_CONCAT, POOL_MEAN, significance_marker
+from recbole_ilora.leaderboard.tables import numeric_means, parse_markdown_means, to_markdown
+from recbole_ilora.quick_start import run_recbole_ilora
+
+FAST = {"epochs": 1, "train_batch_size": 256, "eval_batch_size": 256}
+# The plugin models on a tiny random Llama, a tiny gate encoder and two training batches: they only have to run.
+TINY_LLM = {
+    "llm_path": "tiny-random-llama",
+    "gate_sasrec": {"epochs": 1, "hidden_size": 16, "inner_size": 32},
+    "train_batch_size": 16,
+    "gradient_accumulation_steps": 1,
+    "limit_train_batches": 2,
+    "eval_batch_size": 160,
+}
+
+
+class CountingRunner:
+    """Calls the real (or a fake) runner and records which cells it was asked to run."""
+
+    def __init__(self, runner=run_recbole_ilora, interrupt_at: int | None = None):
+        self.runner = runner
+        self.interrupt_at = interrupt_at
+        self.calls: list[tuple] = []
+
+    def __call__(self, **kwargs):
+        if self.interrupt_at is not None and len(self.calls) == self.interrupt_at:
+            raise KeyboardInterrupt  # as if Ctrl-C arrived while this cell was running
+        self.calls.append((kwargs["model"], kwargs["dataset"], kwargs["config_dict"]["seed"]))
+        return self.runner(**kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Significance
+
+
+def test_wilcoxon_matches_scipy_on_a_hand_built_case():
+    x = np.array([1, 1, 1, 0, 1, 1, 0.5, 1, 1, 1, 0, 1, 0.3, 1, 1, 0, 0, 1], dtype=float)
+    y = np.array([0, 0, 1, 0, 0, 1, 0.2, 0, 0, 0, 1, 0, 0.1, 0, 0, 0, 0, 0], dtype=float)
+    expected = stats.wilcoxon(x, y, zero_method="wilcox", alternative="two-sided")
+    result = paired_test(x, y)
+    assert result.p_value == pytest.approx(expected.pvalue)
+    assert result.statistic == pytest.approx(expected.statistic)
+    assert (result.n_pairs, result.n_nonzero) == (18, 13)
+    assert result.p_value < 0.05 and result.marker in {"†", "‡"}
+
+
+def test_wilcoxon_known_answer_and_paired_ttest():
+    # 12 users, all better by 1: the exact two-sided signed-rank p-value is 2 * 0.5**12.
+    result = paired_test(np.ones(12), np.zeros(12))
+    assert result.p_value == pytest.approx(2 * 0.5**12)
+    assert result.marker == "‡"
+    rng = np.random.default_rng(0)
+    x, y = rng.random(50), rng.random(50)
+    result = paired_test(x, y, method="ttest")
+    expected = stats.ttest_rel(x, y)
+    assert result.p_value == pytest.approx(expected.pvalue)
+    assert result.statistic == pytest.approx(expected.statistic)
+
+
+@pytest.mark.parametrize("method", ["wilcoxon", "ttest"])
+def test_identical_vectors_are_not_significant(method):
+    x = np.array([0.0, 1.0, 0.5, 1.0, 0.0])
+    result = paired_test(x, x.copy(), method=method)
+    assert result.p_value == 1.0
+    assert result.marker == ""
+    assert "zero" in result.note
+
+
+def test_markers_and_bad_input():
+    assert (significance_marker(0.004), significance_marker(0.04), significance_marker(0.2)) == ("‡", "†", "")
+    assert significance_marker(float("nan")) == ""
+    with pytest.raises(ValueError):
+        paired_test([1.0, 0.0], [1.0])
+    with pytest.raises(ValueError):
+        paired_test([1.0], [0.0], method="sign")
+
+
+def test_pooling_averages_users_over_seeds_or_concatenates():
+    x = {1: [1.0, 0.0, 1.0], 2: [0.0, 0.0, 1.0]}
+    y = {1: [0.0, 0.0, 0.0], 2: [1.0, 1.0, 0.0], 3: [9.0, 9.0, 9.0]}  # seed 3 has no partner: ignored
+    px, py, pooling = pool_pairs(x, y)
+    assert pooling == POOL_MEAN
+    np.testing.assert_allclose(px, [0.5, 0.0, 1.0])
+    np.testing.assert_allclose(py, [0.5, 0.5, 0.0])
+    px, py, pooling = pool_pairs({1: [1.0], 2: [0.0, 1.0]}, {1: [0.0], 2: [1.0, 1.0]})
+    assert pooling == POOL_CONCAT
+    np.testing.assert_allclose(px, [1.0, 0.0, 1.0])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Grid spec
+
+
+def test_grid_spec_merges_overrides_by_precedence_and_hashes_stably(tmp_path):
+    path = tmp_path / "grid.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "models": ["Pop", "SASRec"],
+                "datasets": ["ml-100k"],
+                "seeds": [1, 2],
+                "overrides": {"epochs": 5, "learning_rate": "1e-3", "show_progress": False},
+                "dataset_overrides": {"ml-100k": {"epochs": 4, "train_batch_size": 64}},
+                "model_overrides": {"SASRec": {"epochs": 3}},
+                "cell_overrides": [{"model": "SASRec", "seed": 2, "overrides": {"hidden_size": 32}}],
+            }
+        )
+    )
+    path.write_text(path.read_text().replace("'1e-3'", "1e-3"))  # a bare 1e-3, as users write it
+    spec = load_grid_spec(path)
+    cells = {(c.model, c.seed): c for c in spec.cells({"train_batch_size": 128})}
+    assert cells["Pop", 1].overrides == {"epochs": 4, "learning_rate": 1e-3, "show_progress": False, "train_batch_size": 128}
+    assert cells["SASRec", 1].overrides["epochs"] == 3
+    assert "hidden_size" not in cells["SASRec", 1].overrides
+    assert cells["SASRec", 2].overrides["hidden_size"] == 32
+    # Same settings -> same hash, whatever their order; printing settings do not count; others do.
+    assert cells["Pop", 1].config_hash == cells["Pop", 2].config_hash
+    assert config_hash({"a": 1, "b": [1, 2]}) == config_hash({"b": [1, 2], "a": 1})
+    assert config_hash({"a": 1}) == config_hash({"a": 1, "show_progress": True, "state": "INFO"})
+    assert config_hash({"a": 1}) != config_hash({"a": 2})
+    assert cells["SASRec", 1].config_hash != cells["SASRec", 2].config_hash
+
+
+def test_grid_spec_refuses_mistakes(tmp_path):
+    with pytest.raises(GridSpecError, match="seed"):
+        GridSpec(models=["Pop"], datasets=["d"], seeds=[1], overrides={"seed": 3})
+    with pytest.raises(GridSpecError, match="seed"):
+        GridSpec(models=["Pop"], datasets=["d"], seeds=[1]).cells({"seed": 3})
+    with pytest.raises(GridSpecError, match="non-empty"):
+        GridSpec(models=[], datasets=["d"], seeds=[1])
+    with pytest.raises(GridSpecError, match="significance_test"):
+        GridSpec(models=["Pop"], datasets=["d"], seeds=[1], significance_test="sign")
+    path = tmp_path / "grid.yaml"
+    path.write_text("models: [Pop]\ndatasets: [d]\nseeds: [1]\nmodel_override: {}\n")
+    with pytest.raises(GridSpecError, match="unknown keys"):
+        load_grid_spec(path)
+
+
+def test_default_grid_file_is_valid():
+    spec = load_grid_spec("properties/leaderboard.yaml")
+    assert spec.models == ["Pop", "GRU4Rec", "Caser", "SASRec", "BERT4Rec", "LLaRA", "TALLRec", "iLoRA"]
+    assert spec.datasets == ["ml-100k"] and spec.seeds == [2020, 2021, 2022]
+    assert len(spec.cells()) == 24
+
+
+# ----------------------------------------------------------------------------------------------------
+# Store, failures and exports with a fake runner (no training)
+
+
+def fake_result(model: str, seed: int, n_users: int = 30) -> dict:
+    """A run_recbole_ilora-like result whose per-user vectors are deterministic in (model, seed)."""
+    quality = {"Pop": 0.2, "GRU4Rec": 0.3, "SASRec": 0.35, "LLaRA": 0.4, "iLoRA": 0.6}[model]
+    rng = np.random.default_rng([seed, len(model)])
+    per_user = OrderedDict()
+    for k in (1, 5, 10):
+        hits = (rng.random(n_users) < min(1.0, quality * (1 + k / 10))).astype(float)
+        per_user[f"hit@{k}"] = hits
+        per_user[f"ndcg@{k}"] = hits * rng.uniform(0.3, 1.0, n_users)
+    return {
+        "best_valid_score": 0.1,
+        "valid_score_bigger": True,
+        "best_valid_result": OrderedDict(("ndcg@5", 0.1) for _ in range(1)),
+        "test_result": OrderedDict((key, float(np.mean(value))) for key, value in per_user.items()),
+        "test_per_user": per_user,
+        "num_trainable_parameters": 1000,
+        "train_time_s": 1.5,
+        "eval_time_s": 0.5,
+        "peak_memory_gib": None,
+        "device": "cpu",
+    }
+
+
+def fake_runner(**kwargs):
+    if kwargs["model"] == "GRU4Rec" and kwargs["config_dict"]["seed"] == 2:
+        raise ValueError("simulated crash in GRU4Rec")
+    return fake_result(kwargs["model"], kwargs["config_dict"]["seed"])
+
+
+def fake_spec(tmp_path, models, ml100k_slice) -> GridSpec:
+    return GridSpec(
+        models=models, datasets=["ml-100k-slice"], seeds=[1, 2], overrides=dict(ml100k_slice),
+        output_dir=str(tmp_path / "board"),
+    )
+
+
+def test_failed_cell_is_recorded_and_the_grid_goes_on(tmp_path, ml100k_slice, capsys):
+    spec = fake_spec(tmp_path, ["Pop", "GRU4Rec", "iLoRA"], ml100k_slice)
+    runner = CountingRunner(fake_runner)
+    run = run_grid(spec, runner=runner)
+    assert len(runner.calls) == 6 and len(run.finished) == 5 and len(run.failed) == 1
+    failed = [r for r in run.store.load() if r["status"] == "failed"]
+    assert len(failed) == 1 and failed[0]["model"] == "GRU4Rec" and failed[0]["seed"] == 2
+    assert failed[0]["error"] == "ValueError: simulated crash in GRU4Rec"
+    assert "simulated crash" in failed[0]["traceback"] and "fake_runner" in failed[0]["traceback"]
+    assert "FAILED cells" in capsys.readouterr().out
+    ok = [r for r in run.store.load() if r["status"] == "ok"]
+    assert ok[0]["protocol"]["test_mode"] == "uni19" and ok[0]["protocol"]["split"] == {"LS": "valid_and_test"}
+    assert len(ok[0]["test_per_user"]["hit@1"]) == 30
+
+    # The table shows the failure honestly: GRU4Rec over 1 seed, the failed run listed under the table.
+    markdown = to_markdown(build_leaderboard(spec, run.store.load()))
+    assert "(n=1)" in markdown and "GRU4Rec on ml-100k-slice, seed 2: failed (ValueError" in markdown
+
+    # Rerunning retries the failed cell only.
+    runner = CountingRunner(fake_runner)
+    run = run_grid(spec, runner=runner)
+    assert runner.calls == [("GRU4Rec", "ml-100k-slice", 2)] and len(run.skipped) == 5
+
+
+def test_truncated_last_line_is_ignored_and_its_cell_rerun(tmp_path, ml100k_slice, caplog):
+    spec = fake_spec(tmp_path, ["Pop"], ml100k_slice)
+    store = run_grid(spec, runner=CountingRunner(fake_runner)).store
+    text = store.path.read_text()
+    store.path.write_text(text[: len(text) - 40])  # a crash in the middle of writing the second line
+    assert len(store.load()) == 1 and "unreadable line 2" in caplog.text
+    runner = CountingRunner(fake_runner)
+    run_grid(spec, runner=runner)
+    assert runner.calls == [("Pop", "ml-100k-slice", 2)]
+
+
+def test_without_ilora_there_is_no_improvement_or_significance(tmp_path, ml100k_slice):
+    spec = fake_spec(tmp_path, ["Pop", "SASRec", "LLaRA"], ml100k_slice)
+    run = run_grid(spec, runner=CountingRunner(fake_runner))
+    board = build_leaderboard(spec, run.store.load())
+    assert board.significance.empty and board.improvements.empty
+    markdown = to_markdown(board)
+    assert "iLoRA vs" not in markdown and "†" not in markdown and "‡" not in markdown
+    assert "No significance test" in markdown
+
+
+def test_improvements_and_emphasis(tmp_path, ml100k_slice):
+    spec = fake_spec(tmp_path, ["Pop", "SASRec", "LLaRA", "iLoRA"], ml100k_slice)
+    run = run_grid(spec, runner=CountingRunner(fake_runner))
+    board = build_leaderboard(spec, run.store.load())
+    improvements = board.improvements.set_index(["metric", "reference"])
+    row = improvements.loc[("HR@1", "best classical")]
+    assert row.reference_model == board.summary.query("model in ['Pop', 'SASRec'] and metric == 'HR@1'").set_index("model")["mean"].idxmax()
+    expected = (board.mean("iLoRA", "ml-100k-slice", "HR@1") / board.mean(row.reference_model, "ml-100k-slice", "HR@1") - 1) * 100
+    assert row.relative_pct == pytest.approx(expected)
+    # Each significance row is scipy's Wilcoxon on per-user values averaged over the two seeds.
+    records = {(r["model"], r["seed"]): r["test_per_user"]["hit@1"] for r in run.store.load()}
+    x = np.mean([records["iLoRA", 1], records["iLoRA", 2]], axis=0)
+    y = np.mean([records["Pop", 1], records["Pop", 2]], axis=0)
+    sig = board.significance.set_index(["metric", "model"]).loc[("HR@1", "Pop")]
+    assert sig.p_value == pytest.approx(paired_test(x, y).p_value) and sig.pooling == POOL_MEAN
+    # Best bold, second underlined, in every metric column.
+    markdown_rows = {line.split("|")[1].strip(): line for line in to_markdown(board).splitlines() if line.startswith("|")}
+    for metric, column in board.summary.groupby("metric"):
+        ranked = column.sort_values("mean", ascending=False)
+        assert f"**{ranked['mean'].iloc[0]:.4f}" in markdown_rows[ranked.model.iloc[0]]
+        assert f"<u>{ranked['mean'].iloc[1]:.4f}" in markdown_rows[ranked.model.iloc[1]]
+
+
+# ----------------------------------------------------------------------------------------------------
+# End to end: a real tiny grid, interrupted, resumed and exported
+
+
+@pytest.fixture(scope="module")
+def tiny_grid(ml100k_slice, tmp_path_factory):
+    root = tmp_path_factory.mktemp("leaderboard")
+    grid = {
+        "models": ["Pop", "GRU4Rec", "LLaRA", "iLoRA"],
+        "datasets": ["ml-100k-slice"],
+        "seeds": [2020, 2021],
+        "overrides": {**ml100k_slice, **FAST, "checkpoint_dir": str(root / "saved")},
+        "model_overrides": {"LLaRA": dict(TINY_LLM), "iLoRA": dict(TINY_LLM)},
+        "output_dir": str(root / "board"),
+    }
+    grid_path = root / "grid.yaml"
+    grid_path.write_text(yaml.safe_dump(grid))
+    spec = load_grid_spec(grid_path)
+    all_cells = [(c.model, c.dataset, c.seed) for c in spec.cells()]
+
+    interrupted = CountingRunner(interrupt_at=3)
+    with pytest.raises(KeyboardInterrupt):
+        run_leaderboard(grid_path, runner=interrupted)
+    resumed = CountingRunner()
+    outcome = run_leaderboard(grid_path, runner=resumed)
+    again = CountingRunner()
+    run_leaderboard(grid_path, runner=again)
+    return {"spec": spec, "grid_path": grid_path, "cells": all_cells, "interrupted": interrupted,
+            "resumed": resumed, "again": again, "outcome": outcome}
+
+
+def test_tiny_grid_runs_every_cell(tiny_grid):
+    records = ResultsStore(tiny_grid["outcome"]["results"]).load()
+    failures = [f"{r['model']} seed {r['seed']}: {r['error']}" for r in records if r["status"] != "ok"]
+    assert not failures, "cells failed:\n" + "\n".join(failures)
+    assert sorted((r["model"], r["dataset"], r["seed"]) for r in records) == sorted(tiny_grid["cells"])
+    for record in records:
+        assert set(record["test_result"]) >= {"hit@1", "hit@5", "ndcg@5", "ndcg@10"}
+        assert np.mean(record["test_per_user"]["hit@1"]) == pytest.approx(record["test_result"]["hit@1"], abs=1e-4)
+        assert record["num_trainable_parameters"] > 0 and record["train_time_s"] > 0
+        assert record["device"] == "cpu" and record["peak_memory_gib"] is None and record["timestamp"]
+
+
+def test_tiny_grid_resumes_without_rerunning_finished_cells(tiny_grid):
+    finished_before = tiny_grid["interrupted"].calls
+    assert len(finished_before) == 3
+    assert sorted(tiny_grid["resumed"].calls) == sorted(set(tiny_grid["cells"]) - set(finished_before))
+    assert tiny_grid["again"].calls == []
+
+
+def test_tiny_grid_exports_all_formats(tiny_grid):
+    exports = tiny_grid["outcome"]["exports"]
+    assert set(exports) == {"markdown", "csv", "latex", "json", "png"}
+    for path in exports.values():
+        assert path.is_file() and path.stat().st_size > 0
+    assert exports["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    latex = exports["latex"].read_text()
+    assert "\\begin{table}" in latex and "\\textbf{" in latex and "\\caption{" in latex
+    csv = pd.read_csv(exports["csv"], index_col=0)
+    assert list(csv.index[:4]) == ["Pop", "GRU4Rec", "LLaRA", "iLoRA"]
+    assert "ml-100k-slice HR@1" in csv.columns and "ml-100k-slice Params" in csv.columns
+    markdown = exports["markdown"].read_text()
+    assert "uni19" in markdown and "2 seeds" in markdown and "Wilcoxon" in markdown
+    assert "iLoRA vs LLaRA" in markdown and "iLoRA vs best classical" in markdown
+
+
+def test_markdown_table_parses_back_to_the_json_numbers(tiny_grid):
+    exports = tiny_grid["outcome"]["exports"]
+    document = json.loads(exports["json"].read_text())
+    from_json = {(r["model"], f"{r['dataset']} {r['metric']}"): r["mean"] for r in document["results"]}
+    from_markdown = parse_markdown_means(exports["markdown"].read_text())
+    assert set(from_markdown) == set(from_json) and len(from_json) == 4 * 4
+    for key, mean in from_json.items():
+        assert from_markdown[key] == pytest.approx(round(mean, 4), abs=1e-12)
+    assert document["significance"] and {r["model"] for r in document["significance"]} == {"Pop", "GRU4Rec", "LLaRA"}
+
+
+def test_cli_export_only_rebuilds_the_exports(tiny_grid, capsys):
+    exports = tiny_grid["outcome"]["exports"]
+    exports["markdown"].unlink()
+    outcome = cli_main(["--leaderboard", str(tiny_grid["grid_path"]), "--export_only"])
+    assert outcome["exports"]["markdown"].is_file()
+    spec = tiny_grid["spec"]
+    board = build_leaderboard(spec, ResultsStore(outcome["results"]).load())
+    assert parse_markdown_means(outcome["exports"]["markdown"].read_text()) == {
+        key: round(value, 4) for key, value in numeric_means(board).items()
+    }
+    # A different --key=value is a different configuration: nothing of it has run yet.
+    with pytest.raises(RuntimeError, match="No finished run"):
+        cli_main(["--leaderboard", str(tiny_grid["grid_path"]), "--export_only", "--epochs=2"])
