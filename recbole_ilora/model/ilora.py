@@ -80,6 +80,12 @@ class iLoRA(SequentialRecommender):
         self.score_pack_tokens = config["score_pack_tokens"]
         self.seed = config["seed"]
         self.training_progress = 0.0  # set by the trainer: fraction of optimisation steps done
+        if config["lora_rank"] % self.num_experts:
+            # Checked before anything is loaded or pretrained.
+            raise ValueError(
+                f"lora_rank ({config['lora_rank']}) must be divisible by num_experts ({self.num_experts}): "
+                f"each expert gets rank lora_rank/num_experts."
+            )
         if self.num_candidates > self.n_items - 1:
             raise ValueError(f"num_candidates={self.num_candidates} exceeds the {self.n_items - 1} items of the dataset.")
 
@@ -110,8 +116,6 @@ class iLoRA(SequentialRecommender):
             self.gate = nn.Linear(encoder_dim, self.num_experts, bias=False)
             self.gate_state = ExpertGateState(config["lora_rank"], self.num_experts, config["expert_scaling"])
             attach_expert_gate(self.llm, self.gate_state)
-        elif config["lora_rank"] % self.num_experts:
-            raise ValueError(f"lora_rank must be divisible by num_experts ({self.num_experts}).")
 
         base = self.llm.get_base_model()
         self.decoder = base.get_decoder()
@@ -125,11 +129,6 @@ class iLoRA(SequentialRecommender):
     def _add_lora(llm: nn.Module, config) -> nn.Module:
         from peft import LoraConfig, get_peft_model
 
-        if config["lora_rank"] % config["num_experts"] and config["num_experts"] > 1:
-            raise ValueError(
-                f"lora_rank ({config['lora_rank']}) must be divisible by num_experts ({config['num_experts']}): "
-                f"each expert gets rank lora_rank/num_experts."
-            )
         llm.requires_grad_(False)
         lora = LoraConfig(
             r=config["lora_rank"],
