@@ -16,6 +16,15 @@ import recbole_ilora  # noqa: F401 - compatibility fixes before any RecBole impo
 ML100K_DIR = Path(__import__("recbole").__file__).parent / "dataset_example" / "ml-100k"
 SLICE_NAME = "ml-100k-slice"
 
+# The plugin LLM models on a tiny random Llama with a tiny gate encoder: fast enough for CPU tests.
+TINY_LLM = {
+    "llm_path": "tiny-random-llama",
+    "gate_sasrec": {"epochs": 1, "hidden_size": 16, "inner_size": 32},
+    "train_batch_size": 16,
+    "gradient_accumulation_steps": 1,
+    "eval_batch_size": 160,
+}
+
 
 def write_ml100k_slice(root: Path, num_users: int = 40, max_items_per_user: int = 30) -> Path:
     """Write the first ``num_users`` users (by id) of ml-100k, each with their last interactions."""

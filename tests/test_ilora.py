@@ -17,15 +17,9 @@ from recbole_ilora.prompt import BEHAVIOUR
 from recbole_ilora.quick_start import run_recbole_ilora
 from recbole_ilora.trainer import LLMTrainer
 
-TINY = {
-    "llm_path": "tiny-random-llama",
-    "gate_sasrec": {"epochs": 1, "hidden_size": 16, "inner_size": 32},
-    "epochs": 1,
-    "train_batch_size": 16,
-    "gradient_accumulation_steps": 1,
-    "eval_batch_size": 160,
-    "lora_dropout": 0.0,
-}
+from conftest import TINY_LLM  # noqa: E402 - pytest puts tests/ on sys.path
+
+TINY = {**TINY_LLM, "epochs": 1, "lora_dropout": 0.0}
 
 
 @pytest.fixture(scope="module")

@@ -33,16 +33,11 @@ from recbole_ilora.leaderboard.significance import POOL_CONCAT, POOL_MEAN, signi
 from recbole_ilora.leaderboard.tables import numeric_means, parse_markdown_means, to_markdown
 from recbole_ilora.quick_start import run_recbole_ilora
 
+from conftest import TINY_LLM  # noqa: E402 - pytest puts tests/ on sys.path
+
 FAST = {"epochs": 1, "train_batch_size": 256, "eval_batch_size": 256}
 # The plugin models on a tiny random Llama, a tiny gate encoder and two training batches: they only have to run.
-TINY_LLM = {
-    "llm_path": "tiny-random-llama",
-    "gate_sasrec": {"epochs": 1, "hidden_size": 16, "inner_size": 32},
-    "train_batch_size": 16,
-    "gradient_accumulation_steps": 1,
-    "limit_train_batches": 2,
-    "eval_batch_size": 160,
-}
+TINY_LLM = {**TINY_LLM, "limit_train_batches": 2}
 
 
 class CountingRunner:
