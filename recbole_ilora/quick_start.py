@@ -7,6 +7,7 @@ Replaces :mod:`recbole.quick_start`, which cannot be imported on the current sta
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from logging import getLogger
@@ -50,6 +51,9 @@ def run_recbole_ilora(
     config = Config(model=model, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict)
     init_seed(config["seed"], config["reproducibility"])
     handlers_before = set(logging.getLogger().handlers)
+    # RecBole's init_logger creates ./log/<model> with a check-then-mkdir that races between the processes
+    # of a distributed run on a fresh checkout (FileExistsError); creating it here first is race-free.
+    os.makedirs(os.path.join("log", config["model"]), exist_ok=True)
     init_logger(config)
     distributed.quiet_other_ranks()  # distributed: only rank 0 logs
     try:
