@@ -9,12 +9,14 @@ sub-commands. Overrides are converted with RecBole's own rules (``--epochs=3`` i
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Sequence
 
 EPILOG = """\
 Leaderboard (grid of models x datasets x seeds, resumable, exported as Markdown/CSV/LaTeX/JSON/PNG):
   run_recbole_ilora.py --leaderboard properties/leaderboard.yaml
   run_recbole_ilora.py --leaderboard properties/leaderboard.yaml --export_only
+  run_recbole_ilora.py --leaderboard GRID.yaml --jobs=4     # 4 shard processes sharing the device
 Several processes (DDP: gloo on CPU, nccl on GPU; train_batch_size stays the global batch):
   run_recbole_ilora.py --model=iLoRA --dataset=ml-100k --nproc=4 --gpu_id=0,1,2,3
   torchrun --nproc_per_node=4 run_recbole_ilora.py --model=iLoRA --dataset=ml-100k
@@ -49,6 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
                                   "the exports are written beside it")
     leaderboard.add_argument("--export_only", action="store_true",
                              help="write the tables and plot from the results file without running any cell")
+    leaderboard.add_argument("--jobs", type=int, default=None, metavar="N",
+                             help="run the grid as N shard processes in parallel (small LLMs leave a GPU mostly "
+                                  "idle: several cells can share it), each logging to <output_dir>/shard-I.log; "
+                                  "exports once all have finished")
+    leaderboard.add_argument("--shard", metavar="I/N", default=None,
+                             help="run the I-th of N shares of the cells (0-based; N processes, e.g. on one GPU "
+                                  "or one per GPU) appending to one results file; then --export_only")
     return parser
 
 
@@ -91,6 +100,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
     from recbole_ilora.quick_start import run_recbole_ilora
 
     config_files = args.config_files.strip().split(" ") if args.config_files else None
+    if args.jobs is not None:
+        if args.leaderboard is None or args.shard is not None or args.export_only:
+            parser.error("--jobs runs a --leaderboard grid in parallel; it does not combine with --shard or --export_only.")
+        if args.jobs < 1:
+            parser.error("--jobs must be at least 1.")
+        from recbole_ilora.leaderboard import run_leaderboard_jobs
+
+        argv = list(argv) if argv is not None else sys.argv[1:]
+        return run_leaderboard_jobs(args.leaderboard, args.jobs, argv, results_path=args.results,
+                                    cli_overrides=overrides, config_files=config_files)
     if args.leaderboard is not None:
         from recbole_ilora.leaderboard import GridSpecError, run_leaderboard
 
@@ -102,11 +121,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 config_files=config_files,
                 saved=not args.no_save,
                 export_only=args.export_only,
+                shard=args.shard,
             )
         except GridSpecError as error:
             parser.error(f"{args.leaderboard}: {error}")
-    if args.results is not None or args.export_only:
-        parser.error("--results and --export_only only apply with --leaderboard GRID.yaml.")
+    if args.results is not None or args.export_only or args.shard is not None or args.jobs is not None:
+        parser.error("--results, --export_only, --shard and --jobs only apply with --leaderboard GRID.yaml.")
     # distributed: --nproc=N (mp.spawn, RecBole's settings nproc/world_size/ip/port/group_offset) or torchrun.
     from recbole_ilora import distributed
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from logging import getLogger
 from pathlib import Path
 
@@ -84,13 +85,13 @@ def _pretrain(dataset_name: str, settings: dict, path: Path) -> Path:
     model = SASRec(sasrec_config, train_data._dataset).to(sasrec_config["device"])
     trainer = Trainer(sasrec_config, model)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".partial")
+    partial = path.with_suffix(f".partial-{os.getpid()}")  # parallel runs may pretrain the same encoder
     trainer.saved_model_file = str(partial)
     trainer.fit(train_data, valid_data, saved=True, show_progress=sasrec_config["show_progress"])
     checkpoint = torch.load(partial, map_location="cpu", weights_only=False)  # written just above
     checkpoint["item_tokens_digest"] = item_tokens_digest(dataset)
     torch.save(checkpoint, partial)
-    partial.rename(path)  # an interrupted pretraining never looks finished
+    os.replace(partial, path)  # atomic: an interrupted pretraining never looks finished
     return path
 
 

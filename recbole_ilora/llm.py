@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import shutil
 from pathlib import Path
 from typing import Iterable
 
@@ -69,10 +70,17 @@ def _convert_gguf(gguf_path: Path) -> Path:
     model.hf_quantizer = None
     if hasattr(model, "is_quantized"):
         model.is_quantized = False
-    partial = target.with_name(target.name + ".partial")
+    # A folder of this process's own (parallel runs may convert at the same time), renamed atomically:
+    # an interrupted conversion never looks finished.
+    partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
     model.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
-    partial.rename(target)  # atomic: an interrupted conversion never looks finished
+    try:
+        partial.rename(target)
+    except OSError:
+        if not (target / "config.json").is_file():
+            raise
+        shutil.rmtree(partial)  # another process finished the same conversion first
     return target
 
 

@@ -8,6 +8,8 @@ tests use a fake runner with hand-built per-user vectors, so they take no traini
 from __future__ import annotations
 
 import json
+import math
+import threading
 from collections import OrderedDict
 
 import numpy as np
@@ -29,6 +31,7 @@ from recbole_ilora.leaderboard import (
     run_grid,
     run_leaderboard,
 )
+from recbole_ilora.leaderboard import grid as grid_module
 from recbole_ilora.leaderboard.significance import POOL_CONCAT, POOL_MEAN, significance_marker
 from recbole_ilora.leaderboard.tables import numeric_means, parse_markdown_means, to_markdown
 from recbole_ilora.quick_start import run_recbole_ilora
@@ -367,3 +370,125 @@ def test_cli_export_only_rebuilds_the_exports(tiny_grid, capsys):
     # A different --key=value is a different configuration: nothing of it has run yet.
     with pytest.raises(RuntimeError, match="No finished run"):
         cli_main(["--leaderboard", str(tiny_grid["grid_path"]), "--export_only", "--epochs=2"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Validation-only tuning and shards (fake runner)
+
+BEST_VALID_LR = 1e-3  # the fake runner's validation optimum ...
+BEST_TEST_LR = 1e-2  # ... and a different test optimum: the choice must not see test results
+
+
+def tuning_runner(**kwargs):
+    """Validation score peaks at BEST_VALID_LR; test HR@1 grows with the learning rate (to 1e-2)."""
+    config = kwargs["config_dict"]
+    result = fake_result(kwargs["model"], config["seed"])
+    lr = config.get("learning_rate", 1e-3)
+    result["best_valid_score"] = 0.5 - abs(math.log10(lr) - math.log10(BEST_VALID_LR)) / 10
+    result["test_result"]["hit@1"] = lr * 10
+    result["test_per_user"]["hit@1"] = np.full(30, lr * 10)
+    return result
+
+
+def tuning_spec(tmp_path, ml100k_slice) -> GridSpec:
+    return GridSpec(
+        models=["SASRec", "iLoRA"], datasets=["ml-100k-slice"], seeds=[1, 2], overrides=dict(ml100k_slice),
+        output_dir=str(tmp_path / "board"),
+        tune={"models": ["iLoRA"], "space": {"learning_rate": [1e-4, BEST_VALID_LR, BEST_TEST_LR]}},
+    )
+
+
+def test_tuning_chooses_on_validation_only_and_reuses_the_chosen_trial(tmp_path, ml100k_slice):
+    spec = tuning_spec(tmp_path, ml100k_slice)
+    assert spec.tune["seeds"] == [1]  # default: the first seed decides
+    runner = CountingRunner(tuning_runner)
+    run = run_grid(spec, runner=runner)
+    # 3 trials of iLoRA (seed 1), then SASRec x 2 seeds and iLoRA seed 2; iLoRA seed 1 is the chosen trial.
+    assert runner.calls == [("iLoRA", "ml-100k-slice", 1)] * 3 + [
+        ("SASRec", "ml-100k-slice", 1), ("SASRec", "ml-100k-slice", 2), ("iLoRA", "ml-100k-slice", 2)]
+    assert run.tuning.chosen == {("iLoRA", "ml-100k-slice"): {"learning_rate": BEST_VALID_LR}}
+    assert not run.failed and len(run.finished) == 6
+
+    board = build_leaderboard(spec, run.store.load())
+    assert board.mean("iLoRA", "ml-100k-slice", "HR@1") == pytest.approx(BEST_VALID_LR * 10)
+    assert board.missing.empty
+    chosen = board.tuning[board.tuning.chosen]
+    assert len(board.tuning) == 3 and chosen.learning_rate.tolist() == [BEST_VALID_LR]
+    markdown = to_markdown(board)
+    assert "**Tuning.**" in markdown and "✓" in markdown
+    assert CountingRunner(tuning_runner).calls == [] and run_grid(spec, runner=CountingRunner(tuning_runner)).finished == []
+
+
+def test_unfinished_tuning_leaves_final_cells_waiting_and_listed(tmp_path, ml100k_slice):
+    spec = tuning_spec(tmp_path, ml100k_slice)
+
+    def crash_on_one_trial(**kwargs):
+        if kwargs["config_dict"].get("learning_rate") == 1e-4:
+            raise ValueError("simulated crash")
+        return tuning_runner(**kwargs)
+
+    run = run_grid(spec, runner=CountingRunner(crash_on_one_trial))
+    assert run.tuning.incomplete == [("iLoRA", "ml-100k-slice")] and len(run.failed) == 1
+    board = build_leaderboard(spec, run.store.load())
+    waiting = board.missing[board.missing.model == "iLoRA"]
+    assert waiting.status.tolist() == ["awaiting tuning"] * 2
+    runner = CountingRunner(tuning_runner)  # the retry runs the failed trial, then iLoRA's other seed
+    run_grid(spec, runner=runner)
+    assert runner.calls == [("iLoRA", "ml-100k-slice", 1), ("iLoRA", "ml-100k-slice", 2)]
+
+
+def test_tuning_spec_mistakes_are_refused(tmp_path, ml100k_slice):
+    base = dict(models=["SASRec", "iLoRA"], datasets=["ml-100k"], seeds=[1, 2])
+    for tune, message in [
+        ({"space": {}}, "tune.space"),
+        ({"space": {"learning_rate": 1e-3}}, "non-empty list"),
+        ({"space": {"seed": [1, 2]}}, "cannot tune `seed`"),
+        ({"models": ["GRU4Rec"], "space": {"learning_rate": [1e-3]}}, "not in the grid"),
+        ({"seeds": [3], "space": {"learning_rate": [1e-3]}}, "subset of the grid's seeds"),
+        ({"space": {"learning_rate": [1e-3]}, "metric": "hit@1"}, "unknown keys"),
+    ]:
+        with pytest.raises(GridSpecError, match=message):
+            GridSpec(**base, tune=tune)
+    spec = tuning_spec(tmp_path, ml100k_slice)
+    with pytest.raises(GridSpecError, match="tuned by the grid"):
+        spec.cells({"learning_rate": 1e-3})
+    with pytest.raises(GridSpecError, match="shard must be I/N"):
+        run_grid(spec, shard="2/2")
+
+
+def test_two_shards_split_the_grid_and_wait_for_each_others_trials(tmp_path, ml100k_slice, monkeypatch):
+    monkeypatch.setattr(grid_module, "SHARD_WAIT_S", 0.05)
+    spec = tuning_spec(tmp_path, ml100k_slice)
+    runners = [CountingRunner(tuning_runner), CountingRunner(tuning_runner)]
+    outcomes = [None, None]
+
+    def shard(index):
+        outcomes[index] = run_grid(spec, runner=runners[index], shard=f"{index}/2")
+
+    threads = [threading.Thread(target=shard, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    calls = runners[0].calls + runners[1].calls
+    assert sorted(calls) == sorted([("iLoRA", "ml-100k-slice", 1)] * 3 + [
+        ("SASRec", "ml-100k-slice", 1), ("SASRec", "ml-100k-slice", 2), ("iLoRA", "ml-100k-slice", 2)])
+    assert len(runners[0].calls) == 3 and len(runners[1].calls) == 3  # every other pending cell
+    assert all(o.tuning.chosen == {("iLoRA", "ml-100k-slice"): {"learning_rate": BEST_VALID_LR}} for o in outcomes)
+    records = ResultsStore(outcomes[0].store.path).load()
+    assert len(records) == 6 and all(r["status"] == "ok" for r in records)
+
+
+def test_cli_jobs_runs_shard_processes_into_one_results_file(tmp_path, ml100k_slice):
+    grid = {"models": ["Pop"], "datasets": ["ml-100k-slice"], "seeds": [1, 2, 3],
+            "overrides": {**ml100k_slice, **FAST, "checkpoint_dir": str(tmp_path / "saved")},
+            "output_dir": str(tmp_path / "board")}
+    grid_path = tmp_path / "grid.yaml"
+    grid_path.write_text(yaml.safe_dump(grid))
+    outcome = cli_main(["--leaderboard", str(grid_path), "--jobs", "2", "--no_save"])
+    assert outcome["failed_jobs"] == []
+    records = ResultsStore(outcome["results"]).load()
+    assert sorted(r["seed"] for r in records) == [1, 2, 3] and all(r["status"] == "ok" for r in records)
+    logs = [(tmp_path / "board" / f"shard-{i}.log").read_text() for i in range(2)]
+    assert "shard 0/2" in logs[0] and "shard 1/2" in logs[1]
+    assert outcome["exports"]["markdown"].is_file()

@@ -13,6 +13,10 @@ A grid file names ``models``, ``datasets`` and ``seeds`` and the settings every 
     output_dir: results/leaderboard         # results.jsonl, tables and the plot go here
     metrics: [HR@1, HR@5, NDCG@5, NDCG@10]  # table columns (RecBole's "hit" is shown as HR)
     significance_test: wilcoxon             # or ttest (paired t-test)
+    tune:                                   # optional: validation-only hyper-parameter selection
+      models: [LLaRA, iLoRA]                # (default: every model)
+      seeds: [2020]                         # seeds whose validation score decides (default: the first)
+      space: {learning_rate: [4e-4, 8e-4, 1.6e-3]}
 
 A cell's settings are merged in that order -- ``overrides`` < ``dataset_overrides`` <
 ``model_overrides`` < ``cell_overrides`` < the command line's ``--key=value`` -- and passed to
@@ -20,17 +24,30 @@ A cell's settings are merged in that order -- ``overrides`` < ``dataset_override
 ``--config_files`` and the ``properties/`` YAML files). The grid sets ``seed``; giving it elsewhere is
 an error.
 
+With ``tune``, every tuned model first runs one *trial* per combination of the ``space`` values on
+each dataset and each tuning seed; per (model, dataset) the combination with the best mean validation
+score (RecBole's ``valid_metric``, early-stopping checkpoint) wins, and every seed of that model on that
+dataset then runs with it. Test results play no part in the choice. A trial with the chosen values *is*
+that seed's final cell (same settings, same hash), so it is not run twice. Every model gets the same
+number of trials, i.e. the same tuning budget.
+
 Every finished cell is appended to a JSON-lines file as soon as it finishes (flushed and fsync'ed,
 one line per cell). A cell is identified by ``(model, dataset, seed, config_hash)``, where the hash
 covers the cell's merged settings and the contents of the config files; rerunning the grid skips
 the cells that already finished ``ok`` with the same hash, so an interrupted grid resumes where it
 stopped and a changed setting re-runs exactly the cells it affects. Failed cells are recorded with
 their error and re-run next time.
+
+Several processes can share one grid (``shard="I/N"``, ``--shard=I/N`` on the command line): process
+``I`` of ``N`` runs cells ``I, I+N, I+2N, ...`` of each stage (those not finished yet), all append to one results file under a file lock, and
+the final cells wait until every trial of the tuning stage has a record.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -66,9 +83,12 @@ GRID_KEYS = frozenset(
         "output_dir",
         "metrics",
         "significance_test",
+        "tune",
     }
 )
 CELL_OVERRIDE_KEYS = frozenset({"model", "dataset", "seed", "overrides"})
+TUNE_KEYS = frozenset({"models", "seeds", "space"})
+SHARD_WAIT_S = 15.0  # how often a shard polls the results file for other shards' tuning trials
 
 
 class GridSpecError(ValueError):
@@ -89,9 +109,11 @@ class GridSpec:
     output_dir: str = DEFAULT_OUTPUT_DIR
     metrics: list[str] = field(default_factory=lambda: list(DEFAULT_METRICS))
     significance_test: str = "wilcoxon"
+    tune: dict | None = None
 
     def __post_init__(self) -> None:
         self._validate()
+        self._validate_tune()
 
     def _validate(self) -> None:
         for name in ("models", "datasets", "seeds", "metrics"):
@@ -135,28 +157,127 @@ class GridSpec:
         for metric in self.metrics:
             metric_key(metric)  # raises on a malformed name
 
-    def cells(self, cli_overrides: dict | None = None, config_files: Iterable[str] | None = None) -> list["Cell"]:
-        """Every (model, dataset, seed) cell, datasets outermost then models then seeds."""
+    def _validate_tune(self) -> None:
+        if self.tune is None:
+            return
+        if not isinstance(self.tune, dict):
+            raise GridSpecError(f"`tune` must be a mapping with `space` (and optionally models, seeds), got {self.tune!r}.")
+        unknown = set(self.tune) - TUNE_KEYS
+        if unknown:
+            raise GridSpecError(f"`tune` has unknown keys {sorted(unknown)}; allowed: {sorted(TUNE_KEYS)}.")
+        space = self.tune.get("space")
+        if not isinstance(space, dict) or not space:
+            raise GridSpecError(f"`tune.space` must map settings to lists of values, e.g. "
+                                f"{{learning_rate: [4e-4, 8e-4]}}; got {space!r}.")
+        for key, values in space.items():
+            if not isinstance(values, list) or not values:
+                raise GridSpecError(f"`tune.space.{key}` must be a non-empty list of values, got {values!r}.")
+            if key == "seed":
+                raise GridSpecError("`tune.space` cannot tune `seed`; the grid's `seeds` list decides it.")
+        models = self.tune.get("models", self.models)
+        unknown_models = [model for model in models if model not in self.models]
+        if unknown_models:
+            raise GridSpecError(f"`tune.models` names {unknown_models}, which are not in the grid's models.")
+        seeds = self.tune.get("seeds", self.seeds[:1])
+        unknown_seeds = [seed for seed in seeds if seed not in self.seeds]
+        if not seeds or unknown_seeds:
+            raise GridSpecError(f"`tune.seeds` must be a non-empty subset of the grid's seeds; got {seeds!r}.")
+        self.tune = {"models": [str(m) for m in models], "seeds": list(seeds), "space": dict(space)}
+
+    @property
+    def tuned_models(self) -> list[str]:
+        return self.tune["models"] if self.tune else []
+
+    def trials(self) -> list[dict]:
+        """Every combination of the tuning space's values, in the order the YAML lists them."""
+        if not self.tune:
+            return []
+        keys = list(self.tune["space"])
+        return [dict(zip(keys, values)) for values in itertools.product(*(self.tune["space"][k] for k in keys))]
+
+    def _cell(self, model, dataset, seed, cli_overrides, config_files, trial=None) -> "Cell":
+        merged = self.cell_settings(model, dataset, seed)
+        merged.update(trial or {})
+        merged.update(cli_overrides)
+        return Cell(model=model, dataset=dataset, seed=seed, overrides=merged, config_files=config_files,
+                    config_hash=config_hash(merged, config_files), trial=trial)
+
+    def _check_cli(self, cli_overrides: dict | None) -> dict:
         cli_overrides = dict(cli_overrides or {})
         _refuse_seed(cli_overrides, "the command line")
-        config_files = list(config_files or [])
+        clash = sorted(set(cli_overrides) & set(self.tune["space"])) if self.tune else []
+        if clash:
+            raise GridSpecError(f"{clash} are tuned by the grid's `tune.space`; do not also set them on the command line.")
+        return cli_overrides
+
+    def tuning_cells(self, cli_overrides: dict | None = None, config_files: Iterable[str] | None = None) -> list["Cell"]:
+        """One cell per (tuned model, dataset, tuning seed, trial); empty without ``tune``."""
+        cli_overrides, config_files = self._check_cli(cli_overrides), list(config_files or [])
+        return [
+            self._cell(model, dataset, seed, cli_overrides, config_files, trial)
+            for dataset in self.datasets
+            for model in self.tuned_models
+            for seed in self.tune["seeds"]
+            for trial in self.trials()
+        ]
+
+    def cells(
+        self,
+        cli_overrides: dict | None = None,
+        config_files: Iterable[str] | None = None,
+        chosen: dict[tuple[str, str], dict] | None = None,
+    ) -> list["Cell"]:
+        """Every final (model, dataset, seed) cell, datasets outermost then models then seeds.
+
+        A tuned model's cells use ``chosen[(model, dataset)]`` (see :meth:`choose`); while that is not
+        known yet they come back with ``awaiting_tuning=True`` and no hash.
+        """
+        cli_overrides, config_files = self._check_cli(cli_overrides), list(config_files or [])
+        chosen = chosen or {}
         cells = []
         for dataset in self.datasets:
             for model in self.models:
                 for seed in self.seeds:
-                    merged = self.cell_settings(model, dataset, seed)
-                    merged.update(cli_overrides)
-                    cells.append(
-                        Cell(
-                            model=model,
-                            dataset=dataset,
-                            seed=seed,
-                            overrides=merged,
-                            config_files=config_files,
-                            config_hash=config_hash(merged, config_files),
-                        )
-                    )
+                    if model in self.tuned_models and (model, dataset) not in chosen:
+                        cells.append(Cell(model=model, dataset=dataset, seed=seed, overrides={},
+                                          config_files=config_files, config_hash="", awaiting_tuning=True))
+                        continue
+                    trial = chosen.get((model, dataset)) if model in self.tuned_models else None
+                    cells.append(self._cell(model, dataset, seed, cli_overrides, config_files, trial))
         return cells
+
+    def choose(self, records: list[dict], cli_overrides=None, config_files=None) -> "TuningResult":
+        """Per (tuned model, dataset): every trial's validation score and the chosen trial (best mean).
+
+        A (model, dataset) gets a choice only when every one of its trials has an ``ok`` record; its
+        trials are compared on ``best_valid_score`` averaged over the tuning seeds.
+        """
+        latest = {record_key(r): r for r in records if r.get("status") == "ok"}
+        rows, chosen, incomplete = [], {}, []
+        cells = self.tuning_cells(cli_overrides, config_files)
+        for (model, dataset), group in itertools.groupby(cells, key=lambda cell: (cell.model, cell.dataset)):
+            group = list(group)
+            scores: dict[str, list] = {}
+            bigger = True
+            for cell in group:
+                record = latest.get(cell.key)
+                label = json.dumps(cell.trial, sort_keys=True)
+                scores.setdefault(label, [])
+                if record is not None and record.get("best_valid_score") is not None:
+                    scores[label].append(float(record["best_valid_score"]))
+                    bigger = record.get("valid_score_bigger", True)
+            complete = all(len(values) == len(self.tune["seeds"]) for values in scores.values())
+            means = {label: float(np.mean(values)) if values else float("nan") for label, values in scores.items()}
+            best = None
+            if complete:
+                best = (max if bigger else min)(means, key=lambda label: means[label])  # first of equal scores
+                chosen[(model, dataset)] = json.loads(best)
+            else:
+                incomplete.append((model, dataset))
+            for label, mean in means.items():
+                rows.append({"model": model, "dataset": dataset, **json.loads(label), "valid_score": mean,
+                             "n_seeds": len(scores[label]), "chosen": label == best})
+        return TuningResult(chosen=chosen, trials=rows, incomplete=incomplete)
 
     def cell_settings(self, model: str, dataset: str, seed: int) -> dict:
         """The grid's own settings for one cell (without the command line's), merged by precedence."""
@@ -168,6 +289,15 @@ class GridSpec:
             if all(entry[key] == wanted[key] for key in ("model", "dataset", "seed") if key in entry):
                 merged.update(entry["overrides"])
         return merged
+
+
+@dataclass
+class TuningResult:
+    """What :meth:`GridSpec.choose` found: the chosen trial per (model, dataset), and every trial's score."""
+
+    chosen: dict[tuple[str, str], dict]
+    trials: list[dict]  # model, dataset, <tuned settings>, valid_score (mean over tuning seeds), n_seeds, chosen
+    incomplete: list[tuple[str, str]]  # (model, dataset) pairs with trials still unfinished or failed
 
 
 def _refuse_seed(overrides: dict, where: str) -> None:
@@ -240,13 +370,16 @@ class Cell:
     overrides: dict
     config_files: list[str]
     config_hash: str
+    trial: dict | None = None  # the tuned settings of a tuning trial (or of a tuned model's final cell)
+    awaiting_tuning: bool = False  # a tuned model's final cell before its trials have finished
 
     @property
     def key(self) -> tuple:
         return (self.model, self.dataset, self.seed, self.config_hash)
 
     def __str__(self) -> str:
-        return f"{self.model} on {self.dataset} (seed {self.seed})"
+        trial = "".join(f", {key}={value}" for key, value in (self.trial or {}).items())
+        return f"{self.model} on {self.dataset} (seed {self.seed}{trial})"
 
 
 def record_key(record: dict) -> tuple:
@@ -258,7 +391,8 @@ class ResultsStore:
 
     Each record is written as one ``write`` of a complete line followed by ``flush`` and ``fsync``, so a
     crash or Ctrl-C loses at most the cell that was running. A last line cut short by a crash during the
-    write is reported and ignored when reading (its cell is simply run again).
+    write is reported and ignored when reading (its cell is simply run again). Appends hold an exclusive
+    ``flock`` on the file, so several grid processes (shards) can share it.
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -268,6 +402,7 @@ class ResultsStore:
         line = json.dumps(record, default=_json_default, allow_nan=True) + "\n"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a", encoding="utf-8") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file closes
             handle.write(line)
             handle.flush()
             os.fsync(handle.fileno())
@@ -278,6 +413,7 @@ class ResultsStore:
             return []
         records = []
         with open(self.path, encoding="utf-8") as handle:
+            fcntl.flock(handle, fcntl.LOCK_SH)  # never read another shard's half-written line
             lines = handle.read().split("\n")
         for number, line in enumerate(lines, start=1):
             if not line.strip():
@@ -331,6 +467,8 @@ def run_cell(cell: Cell, runner: Runner = _default_runner, saved: bool = True) -
         "overrides": cell.overrides,
         "config_files": cell.config_files,
     }
+    if cell.trial is not None:
+        record["trial"] = cell.trial
     start = time.perf_counter()
     try:
         record["protocol"] = describe_protocol(cell, config_dict)
@@ -381,6 +519,7 @@ def _result_fields(result: dict) -> dict:
         "test_result": {key: float(value) for key, value in result["test_result"].items()},
         "best_valid_result": {key: float(value) for key, value in (result["best_valid_result"] or {}).items()},
         "best_valid_score": _optional_float(result["best_valid_score"]),
+        "valid_score_bigger": bool(result.get("valid_score_bigger", True)),
         "test_per_user": {key: np.asarray(value, dtype=float).tolist() for key, value in result["test_per_user"].items()},
         "num_trainable_parameters": int(result["num_trainable_parameters"]),
         "train_time_s": float(result["train_time_s"]),
@@ -403,6 +542,20 @@ class GridRun:
     skipped: list[Cell]
     finished: list[dict]
     failed: list[dict]
+    tuning: TuningResult | None = None
+
+
+def parse_shard(shard: str | None) -> tuple[int, int]:
+    """``"1/4"`` -> ``(1, 4)``: this process runs cells ``1, 5, 9, ...`` of each stage (0-based)."""
+    if shard is None:
+        return 0, 1
+    try:
+        index, count = (int(part) for part in str(shard).split("/"))
+    except ValueError:
+        index, count = -1, 0
+    if not 0 <= index < count:
+        raise GridSpecError(f"shard must be I/N with 0 <= I < N (e.g. 0/2 and 1/2 for two processes), got {shard!r}.")
+    return index, count
 
 
 def run_grid(
@@ -412,26 +565,46 @@ def run_grid(
     config_files: Iterable[str] | None = None,
     saved: bool = True,
     runner: Runner = _default_runner,
+    shard: str | None = None,
 ) -> GridRun:
     """Run every cell of ``spec`` that has no ``ok`` record in the results file yet.
 
-    Cells run one after another in this process; each record is appended as soon as its cell ends.
-    A failing cell is logged with its traceback, recorded as failed, and the grid goes on; a summary
-    of the failures is printed at the end.
+    With ``tune``, the tuning trials run first, then the final cells with the chosen settings. Cells
+    run one after another in this process; each record is appended as soon as its cell ends. A failing
+    cell is logged with its traceback, recorded as failed, and the grid goes on; a summary of the
+    failures is printed at the end. With ``shard="I/N"`` this process runs its share of the pending
+    cells (see the module docstring).
     """
+    index, count = parse_shard(shard)
     store = ResultsStore(results_path or Path(spec.output_dir) / RESULTS_FILE_NAME)
-    cells = spec.cells(cli_overrides, config_files)
+    trials = spec.tuning_cells(cli_overrides, config_files)
     done = store.finished_ok()
-    skipped = [cell for cell in cells if cell.key in done]
-    pending = [cell for cell in cells if cell.key not in done]
+    pending_trials = [cell for cell in trials if cell.key not in done]
+    finals = spec.cells(cli_overrides, config_files, spec.choose(store.load(), cli_overrides, config_files).chosen)
+    total = len(trials) + len(finals) - (len(spec.tune["seeds"]) * len(spec.tuned_models) * len(spec.datasets) if trials else 0)
+    share = "" if count == 1 else f" (shard {index}/{count})"
     print(
-        f"Leaderboard: {len(cells)} cells ({len(spec.models)} models x {len(spec.datasets)} datasets x "
-        f"{len(spec.seeds)} seeds); {len(skipped)} already finished in {store.path}, {len(pending)} to run."
+        f"Leaderboard{share}: {len(finals)} cells ({len(spec.models)} models x {len(spec.datasets)} datasets x "
+        f"{len(spec.seeds)} seeds)" + (f" after {len(trials)} tuning trials of {', '.join(spec.tuned_models)} "
+                                       f"over {spec.tune['space']}" if trials else "")
+        + f"; {len(pending_trials)} trials and {sum(c.key not in done and not c.awaiting_tuning for c in finals)}"
+        f" cells pending in {store.path}."
     )
-    finished, failed = [], []
-    progress = tqdm(total=len(cells), initial=len(skipped), desc="leaderboard", unit="cell", dynamic_ncols=True)
-    try:
-        for cell in pending:
+    finished, failed, skipped = [], [], []
+    progress = tqdm(total=total or None, desc="leaderboard", unit="cell", dynamic_ncols=True)
+
+    counted: set[tuple] = set()  # a chosen trial is also its seed's final cell: count it once
+
+    def run_stage(cells: list[Cell]) -> None:
+        done = store.finished_ok()
+        pending = [cell for cell in cells if cell.key not in done]
+        skipped.extend(cell for cell in cells if cell.key in done and cell.key not in counted)
+        progress.update(sum(cell.key in done and cell.key not in counted for cell in cells))
+        counted.update(cell.key for cell in cells)
+        # Shares are taken from the stage's full cell list, not from what is pending now: every shard
+        # computes the same assignment whenever it looks, so no cell runs twice or is left out.
+        mine = {cell.key for cell in cells[index::count]}
+        for cell in [cell for cell in pending if cell.key in mine]:
             progress.set_postfix_str(str(cell))
             record = run_cell(cell, runner=runner, saved=saved)
             store.append(record)
@@ -443,6 +616,21 @@ def run_grid(
                 logger.error("FAILED  %s: %s\n%s", cell, record["error"], record["traceback"])
                 progress.write(f"FAILED  {cell}: {record['error']}")
             progress.update(1)
+        counted.update(cell.key for cell in pending)
+
+    tuning = None
+    try:
+        if trials:
+            run_stage(trials)
+            if count > 1:
+                _wait_for_records(store, trials, progress)
+            tuning = spec.choose(store.load(), cli_overrides, config_files)
+            for (model, dataset), trial in tuning.chosen.items():
+                progress.write(f"tuned   {model} on {dataset}: {trial} (best validation score)")
+            for model, dataset in tuning.incomplete:
+                progress.write(f"UNTUNED {model} on {dataset}: a trial failed; its final cells are not run.")
+            finals = spec.cells(cli_overrides, config_files, tuning.chosen)
+        run_stage([cell for cell in finals if not cell.awaiting_tuning])
     except KeyboardInterrupt:
         progress.close()
         print(
@@ -451,9 +639,24 @@ def run_grid(
         )
         raise
     progress.close()
-    run = GridRun(store=store, cells=cells, skipped=skipped, finished=finished, failed=failed)
+    run = GridRun(store=store, cells=finals, skipped=skipped, finished=finished, failed=failed, tuning=tuning)
     print(failure_summary(run))
     return run
+
+
+def _wait_for_records(store: ResultsStore, cells: list[Cell], progress) -> None:
+    """Block until every cell has a record (ok or failed), written by this or another shard."""
+    wanted = {cell.key for cell in cells}
+    announced = False
+    while True:
+        have = {record_key(r) for r in store.load() if r.get("status") in ("ok", "failed")}
+        missing = wanted - have
+        if not missing:
+            return
+        if not announced:
+            progress.write(f"waiting for {len(missing)} tuning trials of other shards ...")
+            announced = True
+        time.sleep(SHARD_WAIT_S)
 
 
 def failure_summary(run: GridRun) -> str:
@@ -469,13 +672,15 @@ def failure_summary(run: GridRun) -> str:
 
 
 def select_records(spec: GridSpec, records: list[dict], cli_overrides=None, config_files=None) -> tuple[list[dict], list[Cell]]:
-    """The latest ``ok`` record of every cell of the grid, and the cells that have none.
+    """The latest ``ok`` record of every final cell of the grid, and the cells that have none.
 
-    Records of other configurations (other hashes) in the same file are ignored.
+    Tuned models' cells are those of the chosen trial (:meth:`GridSpec.choose`); records of other
+    configurations (other hashes, the trials not chosen) in the same file are ignored.
     """
     latest = {record_key(record): record for record in records if record.get("status") == "ok"}
+    chosen = spec.choose(records, cli_overrides, config_files).chosen if spec.tune else {}
     selected, missing = [], []
-    for cell in spec.cells(cli_overrides, config_files):
+    for cell in spec.cells(cli_overrides, config_files, chosen):
         if cell.key in latest:
             selected.append(latest[cell.key])
         else:

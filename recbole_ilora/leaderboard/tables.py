@@ -55,6 +55,8 @@ class Leaderboard:
     improvements: pd.DataFrame  # dataset, metric, reference, reference_model, proposed_mean, reference_mean, relative_pct, marker
     missing: pd.DataFrame  # model, dataset, seed, status, error
     protocols: list[dict]
+    tuning: pd.DataFrame = None  # model, dataset, <tuned settings>, valid_score, n_seeds, chosen (grids with `tune`)
+    tuning_seeds: list[int] | None = None
 
     def mean(self, model: str, dataset: str, metric: str) -> float:
         row = self.summary[(self.summary.model == model) & (self.summary.dataset == dataset) & (self.summary.metric == metric)]
@@ -77,6 +79,8 @@ def build_leaderboard(spec: GridSpec, records: list[dict], cli_overrides=None, c
         improvements=pd.DataFrame(),
         missing=_missing(missing_cells, records),
         protocols=_distinct([record.get("protocol") for record in selected]),
+        tuning=pd.DataFrame(spec.choose(records, cli_overrides, config_files).trials) if spec.tune else pd.DataFrame(),
+        tuning_seeds=spec.tune["seeds"] if spec.tune else None,
     )
     board.significance = _significance(board, selected, metric_keys)
     board.improvements = _improvements(board)
@@ -124,7 +128,7 @@ def _missing(missing_cells, records: list[dict]) -> pd.DataFrame:
                 "model": cell.model,
                 "dataset": cell.dataset,
                 "seed": cell.seed,
-                "status": "failed" if failure else "not run",
+                "status": "awaiting tuning" if cell.awaiting_tuning else "failed" if failure else "not run",
                 "error": failure["error"] if failure else "",
             }
         )
@@ -372,11 +376,25 @@ def missing_text(board: Leaderboard) -> str:
     return "Runs without a result:\n" + "\n".join(lines)
 
 
+def tuning_text(board: Leaderboard) -> str:
+    """The validation-only tuning trials as a Markdown table (empty without ``tune``)."""
+    if board.tuning is None or board.tuning.empty:
+        return ""
+    table = board.tuning.copy()
+    table["valid_score"] = table["valid_score"].map(lambda v: "—" if math.isnan(v) else f"{v:.{DECIMALS}f}")
+    table["chosen"] = table["chosen"].map({True: "✓", False: ""})
+    seeds = ", ".join(map(str, board.tuning_seeds or []))
+    return (f"**Tuning.** Validation score (the run's valid_metric at its early-stopping checkpoint, mean over "
+            f"seed(s) {seeds}) of every trial; ✓ = the settings every seed of that model and dataset then used. "
+            f"Test results took no part in the choice.\n\n" + table.to_markdown(index=False, disable_numparse=True) + "\n")
+
+
 def to_markdown(board: Leaderboard) -> str:
     table = flat_columns(display_table(board, "markdown")).to_markdown(disable_numparse=True)
     text = f"**Table.** {caption(board, 'plain')}\n\n{table}\n"
     missing = missing_text(board)
-    return text + (f"\n{missing}\n" if missing else "")
+    tuning = tuning_text(board)
+    return text + (f"\n{missing}\n" if missing else "") + (f"\n{tuning}" if tuning else "")
 
 
 def to_latex(board: Leaderboard) -> str:
@@ -413,6 +431,7 @@ def to_json(board: Leaderboard) -> str:
         "significance": records(board.significance),
         "improvements": records(board.improvements),
         "missing": records(board.missing),
+        "tuning": records(board.tuning) if board.tuning is not None else [],
     }
     return json.dumps(document, indent=2, ensure_ascii=False)
 
