@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
                              help="run the grid as N shard processes in parallel (small LLMs leave a GPU mostly "
                                   "idle: several cells can share it), each logging to <output_dir>/shard-I.log; "
                                   "exports once all have finished")
+    leaderboard.add_argument("--run_id", default=None,
+                             help="with --shard: shards given the same id take the next free cell instead of "
+                                  "every N-th (set by --jobs)")
     leaderboard.add_argument("--shard", metavar="I/N", default=None,
                              help="run the I-th of N shares of the cells (0-based; N processes, e.g. on one GPU "
                                   "or one per GPU) appending to one results file; then --export_only")
@@ -122,6 +125,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 saved=not args.no_save,
                 export_only=args.export_only,
                 shard=args.shard,
+                run_id=args.run_id,
             )
         except GridSpecError as error:
             parser.error(f"{args.leaderboard}: {error}")

@@ -479,6 +479,28 @@ def test_two_shards_split_the_grid_and_wait_for_each_others_trials(tmp_path, ml1
     assert len(records) == 6 and all(r["status"] == "ok" for r in records)
 
 
+def test_claiming_shards_never_run_a_cell_twice(tmp_path, ml100k_slice, monkeypatch):
+    monkeypatch.setattr(grid_module, "SHARD_WAIT_S", 0.05)
+    spec = tuning_spec(tmp_path, ml100k_slice)
+    runners = [CountingRunner(tuning_runner) for _ in range(3)]
+    threads = [threading.Thread(target=run_grid, args=(spec,),
+                                kwargs={"runner": runners[i], "shard": f"{i}/3", "run_id": "r1"}) for i in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    calls = [call for runner in runners for call in runner.calls]
+    assert sorted(calls) == sorted([("iLoRA", "ml-100k-slice", 1)] * 3 + [
+        ("SASRec", "ml-100k-slice", 1), ("SASRec", "ml-100k-slice", 2), ("iLoRA", "ml-100k-slice", 2)])
+    records = ResultsStore(tmp_path / "board" / "results.jsonl").load()
+    assert len([r for r in records if r["status"] == "ok"]) == 6
+    assert len([r for r in records if r["status"] == "claimed"]) == 6
+    # A later run (another run id) resumes normally: nothing left, nothing rerun.
+    again = CountingRunner(tuning_runner)
+    run_grid(spec, runner=again, shard="0/2", run_id="r2")
+    assert again.calls == []
+
+
 def test_cli_jobs_runs_shard_processes_into_one_results_file(tmp_path, ml100k_slice):
     grid = {"models": ["Pop"], "datasets": ["ml-100k-slice"], "seeds": [1, 2, 3],
             "overrides": {**ml100k_slice, **FAST, "checkpoint_dir": str(tmp_path / "saved")},
@@ -488,7 +510,10 @@ def test_cli_jobs_runs_shard_processes_into_one_results_file(tmp_path, ml100k_sl
     outcome = cli_main(["--leaderboard", str(grid_path), "--jobs", "2", "--no_save"])
     assert outcome["failed_jobs"] == []
     records = ResultsStore(outcome["results"]).load()
-    assert sorted(r["seed"] for r in records) == [1, 2, 3] and all(r["status"] == "ok" for r in records)
+    ok = [r for r in records if r["status"] == "ok"]
+    claims = [r for r in records if r["status"] == "claimed"]
+    assert sorted(r["seed"] for r in ok) == [1, 2, 3] and len(records) == len(ok) + len(claims)
+    assert sorted(r["seed"] for r in claims) == [1, 2, 3] and len({r["run_id"] for r in claims}) == 1
     logs = [(tmp_path / "board" / f"shard-{i}.log").read_text() for i in range(2)]
     assert "shard 0/2" in logs[0] and "shard 1/2" in logs[1]
     assert outcome["exports"]["markdown"].is_file()

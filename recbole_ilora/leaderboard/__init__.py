@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 from recbole_ilora.leaderboard.grid import (
@@ -62,6 +63,7 @@ def run_leaderboard(
     export_only: bool = False,
     runner=None,
     shard: str | None = None,
+    run_id: str | None = None,
 ) -> dict:
     """Run (unless ``export_only``) and export the grid in ``grid_path``; used by ``run_recbole_ilora.py``.
 
@@ -74,7 +76,8 @@ def run_leaderboard(
     failed = []
     if not export_only:
         kwargs = {"runner": runner} if runner is not None else {}
-        run = run_grid(spec, store.path, cli_overrides, config_files, saved=saved, shard=shard, **kwargs)
+        run = run_grid(spec, store.path, cli_overrides, config_files, saved=saved, shard=shard, run_id=run_id,
+                       **kwargs)
         failed = run.failed
         if shard is not None:
             print(f"Shard {shard} done. Once every shard has finished, write the tables with --export_only.")
@@ -111,12 +114,14 @@ def run_leaderboard_jobs(
             skip_next = True
             continue
         base.append(arg)
+    run_id = uuid.uuid4().hex[:12]  # the shards of this run take free cells dynamically
     processes, logs = [], []
     for index in range(jobs):
         log_path = store.path.parent / f"shard-{index}.log"
         log = open(log_path, "w", encoding="utf-8")
         logs.append(log)
-        command = [sys.executable, "-c", "from recbole_ilora.cli import main; main()", *base, f"--shard={index}/{jobs}"]
+        command = [sys.executable, "-c", "from recbole_ilora.cli import main; main()", *base, f"--shard={index}/{jobs}",
+                   f"--run_id={run_id}"]
         processes.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT))
         print(f"shard {index}/{jobs}: pid {processes[-1].pid}, log {log_path}")
     try:

@@ -39,7 +39,8 @@ stopped and a changed setting re-runs exactly the cells it affects. Failed cells
 their error and re-run next time.
 
 Several processes can share one grid (``shard="I/N"``, ``--shard=I/N`` on the command line): process
-``I`` of ``N`` runs cells ``I, I+N, I+2N, ...`` of each stage (those not finished yet), all append to one results file under a file lock, and
+``I`` of ``N`` runs cells ``I, I+N, I+2N, ...`` of each stage (those not finished yet) -- or, when the
+shards share a ``run_id`` (``--jobs`` gives them one), whichever cell is free next --, all append to one results file under a file lock, and
 the final cells wait until every trial of the tuning stage has a record.
 """
 
@@ -411,11 +412,13 @@ class ResultsStore:
         """All readable records, in file order."""
         if not self.path.exists():
             return []
-        records = []
         with open(self.path, encoding="utf-8") as handle:
             fcntl.flock(handle, fcntl.LOCK_SH)  # never read another shard's half-written line
-            lines = handle.read().split("\n")
-        for number, line in enumerate(lines, start=1):
+            return self._parse(handle.read())
+
+    def _parse(self, text: str) -> list[dict]:
+        records = []
+        for number, line in enumerate(text.split("\n"), start=1):
             if not line.strip():
                 continue
             try:
@@ -429,6 +432,31 @@ class ResultsStore:
                     error,
                 )
         return records
+
+    def claim(self, cells: list["Cell"], run_id: str, shard: str) -> "Cell | None":
+        """Take the first of ``cells`` that is neither finished nor claimed by a shard of run ``run_id``.
+
+        Reading and appending the ``claimed`` record happen under one exclusive lock, so two shards
+        never take the same cell; claims of other runs (e.g. one that was killed) do not count.
+        """
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a+", encoding="utf-8") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            handle.seek(0)
+            taken = {
+                record_key(r) for r in self._parse(handle.read())
+                if r.get("status") == "ok" or (r.get("status") == "claimed" and r.get("run_id") == run_id)
+            }
+            for cell in cells:
+                if cell.key not in taken:
+                    claim = {"status": "claimed", "run_id": run_id, "shard": shard, "model": cell.model,
+                             "dataset": cell.dataset, "seed": cell.seed, "config_hash": cell.config_hash,
+                             "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+                    handle.write(json.dumps(claim) + "\n")
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                    return cell
+        return None
 
     def finished_ok(self) -> dict[tuple, dict]:
         """The latest ``ok`` record of every finished cell, by ``(model, dataset, seed, config_hash)``."""
@@ -566,6 +594,7 @@ def run_grid(
     saved: bool = True,
     runner: Runner = _default_runner,
     shard: str | None = None,
+    run_id: str | None = None,
 ) -> GridRun:
     """Run every cell of ``spec`` that has no ``ok`` record in the results file yet.
 
@@ -573,7 +602,8 @@ def run_grid(
     run one after another in this process; each record is appended as soon as its cell ends. A failing
     cell is logged with its traceback, recorded as failed, and the grid goes on; a summary of the
     failures is printed at the end. With ``shard="I/N"`` this process runs its share of the pending
-    cells (see the module docstring).
+    cells (see the module docstring); shards that share a ``run_id`` take the next free cell
+    dynamically (:meth:`ResultsStore.claim`) instead, which balances cells of unequal cost.
     """
     index, count = parse_shard(shard)
     store = ResultsStore(results_path or Path(spec.output_dir) / RESULTS_FILE_NAME)
@@ -601,10 +631,14 @@ def run_grid(
         skipped.extend(cell for cell in cells if cell.key in done and cell.key not in counted)
         progress.update(sum(cell.key in done and cell.key not in counted for cell in cells))
         counted.update(cell.key for cell in cells)
-        # Shares are taken from the stage's full cell list, not from what is pending now: every shard
-        # computes the same assignment whenever it looks, so no cell runs twice or is left out.
+        # Without a run id, shares are taken from the stage's full cell list, not from what is pending
+        # now: every shard computes the same assignment whenever it looks, so no cell runs twice.
         mine = {cell.key for cell in cells[index::count]}
-        for cell in [cell for cell in pending if cell.key in mine]:
+        queue = iter([cell for cell in pending if cell.key in mine])
+        while True:
+            cell = store.claim(pending, run_id, f"{index}/{count}") if run_id else next(queue, None)
+            if cell is None:
+                break
             progress.set_postfix_str(str(cell))
             record = run_cell(cell, runner=runner, saved=saved)
             store.append(record)
@@ -618,6 +652,8 @@ def run_grid(
             progress.update(1)
         counted.update(cell.key for cell in pending)
 
+    if run_id and count == 1:
+        raise GridSpecError("run_id only applies to shards (shard='I/N' with N > 1).")
     tuning = None
     try:
         if trials:
