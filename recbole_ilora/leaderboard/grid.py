@@ -626,13 +626,16 @@ def run_grid(
     counted: set[tuple] = set()  # a chosen trial is also its seed's final cell: count it once
 
     def run_stage(cells: list[Cell]) -> None:
+        """Run this shard's pending cells of ``cells`` (a stage's full list; awaiting cells are skipped)."""
         done = store.finished_ok()
-        pending = [cell for cell in cells if cell.key not in done]
-        skipped.extend(cell for cell in cells if cell.key in done and cell.key not in counted)
-        progress.update(sum(cell.key in done and cell.key not in counted for cell in cells))
-        counted.update(cell.key for cell in cells)
-        # Without a run id, shares are taken from the stage's full cell list, not from what is pending
-        # now: every shard computes the same assignment whenever it looks, so no cell runs twice.
+        ready = [cell for cell in cells if not cell.awaiting_tuning]
+        pending = [cell for cell in ready if cell.key not in done]
+        skipped.extend(cell for cell in ready if cell.key in done and cell.key not in counted)
+        progress.update(sum(cell.key in done and cell.key not in counted for cell in ready))
+        counted.update(cell.key for cell in ready if cell.key in done)
+        # Without a run id, shares are taken by position in the stage's full cell list (awaiting cells
+        # included), not in what is pending now: every shard computes the same assignment whenever it
+        # looks, so no cell runs twice.
         mine = {cell.key for cell in cells[index::count]}
         queue = iter([cell for cell in pending if cell.key in mine])
         while True:
@@ -650,23 +653,27 @@ def run_grid(
                 logger.error("FAILED  %s: %s\n%s", cell, record["error"], record["traceback"])
                 progress.write(f"FAILED  {cell}: {record['error']}")
             progress.update(1)
-        counted.update(cell.key for cell in pending)
+            counted.add(cell.key)
 
     if run_id and count == 1:
         raise GridSpecError("run_id only applies to shards (shard='I/N' with N > 1).")
     tuning = None
     try:
-        if trials:
-            run_stage(trials)
-            if count > 1:
-                _wait_for_records(store, trials, progress)
+        run_stage(trials)
+        tuning = spec.choose(store.load(), cli_overrides, config_files) if trials else None
+        # Final cells that need no tuning result (baselines, tunings already decided) start at once ...
+        run_stage(spec.cells(cli_overrides, config_files, tuning.chosen if tuning else None))
+        if trials and count > 1:
+            # ... the others once every trial has a record, some of them run by other shards.
+            _wait_for_records(store, trials, progress)
             tuning = spec.choose(store.load(), cli_overrides, config_files)
+            run_stage(spec.cells(cli_overrides, config_files, tuning.chosen))
+        if tuning:
             for (model, dataset), trial in tuning.chosen.items():
                 progress.write(f"tuned   {model} on {dataset}: {trial} (best validation score)")
             for model, dataset in tuning.incomplete:
                 progress.write(f"UNTUNED {model} on {dataset}: a trial failed; its final cells are not run.")
-            finals = spec.cells(cli_overrides, config_files, tuning.chosen)
-        run_stage([cell for cell in finals if not cell.awaiting_tuning])
+        finals = spec.cells(cli_overrides, config_files, tuning.chosen if tuning else None)
     except KeyboardInterrupt:
         progress.close()
         print(
