@@ -54,6 +54,8 @@ def run_recbole_ilora(
     # RecBole's init_logger creates ./log/<model> with a check-then-mkdir that races between the processes
     # of a distributed run on a fresh checkout (FileExistsError); creating it here first is race-free.
     os.makedirs(os.path.join("log", config["model"]), exist_ok=True)
+    # Its Trainer does the same with checkpoint_dir (leaderboard shards start together on a fresh checkout).
+    os.makedirs(config["checkpoint_dir"], exist_ok=True)
     init_logger(config)
     distributed.quiet_other_ranks()  # distributed: only rank 0 logs
     try:
