@@ -1,10 +1,20 @@
-"""torch.profiler view of iLoRA training steps and uni19 scoring (what limits throughput).
+"""torch.profiler view of iLoRA training steps or scoring (what limits throughput).
 
-    python benchmarks/profile_step.py --llm_path=smollm2-135m --batch_size=32
+    python benchmarks/profile_step.py --llm_path=smollm2-135m --batch_size=32              # training steps
+    python benchmarks/profile_step.py --llm_path=smollm2-135m --section eval --compile     # scoring
+
+``--section eval`` profiles uni19 ``predict`` batches (``--eval_users`` users, ``--eval_batch_users``
+per batch) and one ``full_sort_predict`` chunk (``--fullrank_batch_users`` users, every item), after
+one warm-up pass over the same inputs (with ``--compile``: every shape compiled before profiling).
+Each part prints the operators sorted by self device time (on GPU) and by CPU time, and the calls
+that make the host wait for the device: an operator whose result size or value the CPU must read
+(``.item()``/``int()``, boolean-mask indexing, ``nonzero``, copies to the host) or an explicit CUDA
+synchronisation. Other options are those of ``benchmarks/throughput.py``.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -13,28 +23,71 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from throughput import build, model_step, parse_args, setup, train_batches  # noqa: E402
+from throughput import build, eval_batches, model_step, parse_args, setup, train_batches, user_rows  # noqa: E402
 
 from recbole_ilora.model.ilora import iLoRA  # noqa: E402
 
+# Operators that make the host wait for the device (on GPU): scalar reads (.item(), int(), bool()) and
+# data-dependent output sizes (boolean-mask indexing, nonzero). On GPU, the CUDA runtime's
+# synchronisation calls count every wait, .tolist() and other copies to the host included.
+HOST_SYNC_OPS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select")
+CUDA_SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
 
-def main():
-    args = parse_args()
-    overrides, config, train, test = setup(args)
-    model = build(iLoRA, overrides, args, train, num_experts=args.num_experts)
+
+def profiled(fn, title: str) -> None:
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    averages = prof.key_averages()
+    print(f"\n==== {title}")
+    if torch.cuda.is_available():
+        print("\n-- by self CUDA time")
+        print(averages.table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=60))
+    print("\n-- by CPU time")
+    print(averages.table(sort_by="cpu_time_total", row_limit=25, max_name_column_width=60))
+    counts = {row.key: row.count for row in averages if row.key in HOST_SYNC_OPS + CUDA_SYNC_CALLS}
+    print("\n-- host-device syncs (calls): "
+          + (", ".join(f"{name} {count}" for name, count in sorted(counts.items())) or "none"))
+    if not torch.cuda.is_available():
+        print("   (operators only: on CPU a .tolist() is not an operator; on GPU cudaStreamSynchronize counts it)")
+
+
+def profile_training(model, train, args) -> None:
     step = model_step(model)
     batches = train_batches(train, 6)
     for batch in batches[:3]:
         step(batch)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    with profile(activities=activities) as prof:
-        for batch in batches[3:]:
-            step(batch)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-    sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
-    print(prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=60))
-    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=20, max_name_column_width=60))
+    profiled(lambda: [step(batch) for batch in batches[3:]], "training steps")
+
+
+@torch.no_grad()
+def profile_eval(model, test, args, device) -> None:
+    model.eval()
+    batches, users = eval_batches(test, args.eval_users, device)
+    for batch in batches:  # warm-up: every prompt width (and compilation) before profiling
+        model.predict(batch)
+    profiled(lambda: [model.predict(batch) for batch in batches], f"uni19 predict: {users} users, {len(batches)} batches")
+
+    chunk = user_rows(test)[torch.arange(args.fullrank_batch_users)].to(device)
+    model.full_sort_predict(chunk)
+    profiled(lambda: model.full_sort_predict(chunk),
+             f"full_sort_predict: {args.fullrank_batch_users} users x {model.n_items - 1} items")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--section", choices=("train", "eval"), default="train")
+    own, rest = parser.parse_known_args(argv)
+    args = parse_args(rest)
+    overrides, config, train, test = setup(args)
+    device = torch.device(config["device"])
+    model = build(iLoRA, overrides, args, train, num_experts=args.num_experts)
+    if own.section == "train":
+        profile_training(model, train, args)
+    else:
+        profile_eval(model, test, args, device)
 
 
 if __name__ == "__main__":

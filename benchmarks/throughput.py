@@ -16,6 +16,13 @@ Sections (``--sections``):
   so their token lengths are realistic). ``--synthetic_measure_users`` limits the users actually scored;
   the total is then extrapolated linearly (users are independent) and marked as such.
 
+``--compile`` compiles the LLM's decoder (``iLoRA.compile_llm``: batch and sequence dims dynamic, one
+graph each for training, prompt encoding and packed scoring). Compilation happens in the warm-up:
+training runs ``--warmup`` steps; evaluation and full ranking warm up on their first and last batch
+(every batch size they time; widths are dynamic) and report those seconds as ``warmup_s``, apart from
+the timed ``seconds``. ``compiles_while_timed`` counts graphs dynamo compiled inside the timed part
+(0 expected). Greedy generation stays eager: HF ``generate`` calls the uncompiled module.
+
 Prints one Markdown table and writes everything as JSON (``--out``).
 """
 
@@ -93,6 +100,22 @@ def timed(fn, device):
     return time.perf_counter() - start, out
 
 
+def compiled_graphs() -> int:
+    """Graphs dynamo has compiled so far in this process."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+def warm_up_and_time(fn, batches, args, device) -> dict:
+    """Warm-up (compiled: the first and last batch, i.e. every batch size), then ``fn`` over all batches, timed."""
+    warm = batches[:1] if not args.compile or len(batches) == 1 else [batches[0], batches[-1]]
+    warmup_s, _ = timed(lambda: [fn(b) for b in warm], device)
+    graphs = compiled_graphs()
+    seconds, out = timed(lambda: [fn(b) for b in batches], device)
+    return {"seconds": seconds, "warmup_s": warmup_s, "compiles_while_timed": compiled_graphs() - graphs, "out": out}
+
+
 def setup(args):
     overrides = {
         "llm_path": args.llm_path,
@@ -101,7 +124,7 @@ def setup(args):
         "eval_batch_size": 20 * args.eval_batch_users,
         "curriculum": False,  # every step with behavioural tokens: the heavier, steady case
         "score_pack_tokens": args.score_pack_tokens,
-        "pad_to_multiple_of": 64 if args.compile else 8,
+        "pad_to_multiple_of": 8,  # compiled too: widths are dynamic dims, wider padding would only add tokens
         "show_progress": False,
         "state": "WARNING",
         "checkpoint_dir": "saved",
@@ -133,17 +156,20 @@ def train_batches(train, count):
 # ------------------------------------------------------------------------------------------- training
 def bench_training(name, step_fn, batches, args, device, tokens_fn):
     reset_peak(device)
-    times, tokens = [], 0
+    times, tokens, warmup_s = [], 0, 0.0
     for i in range(args.warmup + args.steps):
         seconds, _ = timed(lambda: step_fn(batches[i % len(batches)]), device)
         if i >= args.warmup:
             times.append(seconds)
             tokens += int(tokens_fn())
+        else:
+            warmup_s += seconds
     median = statistics.median(times)
     mean_tokens = tokens / args.steps
     return {
         "variant": name, "step_ms": 1000 * median, "samples_per_s": args.batch_size / median,
         "tokens_per_s": mean_tokens / median, "tokens_per_step": mean_tokens, "peak_gib": peak_gib(device),
+        "warmup_s": warmup_s,
     }
 
 
@@ -214,7 +240,7 @@ def score_without_cache(model, interaction):
                                  model.use_behaviour_tokens, target=items.reshape(-1))
     user_repr = model._user_repr(users)
     with model._gated(None if user_repr is None else repeat(user_repr)):
-        hidden = model.decoder(inputs_embeds=model._input_embeddings(prompts),
+        hidden = model._decode(inputs_embeds=model._input_embeddings(prompts),  # compiled with --compile
                                attention_mask=prompts.attention_mask.long()).last_hidden_state
         predicts = prompts.kind[:, 1:] == ANSWER
         log_probs = -torch.nn.functional.cross_entropy(
@@ -230,26 +256,27 @@ def bench_eval(model, test, args, device):
     results = []
     batches, users = eval_batches(test, args.eval_users, device)
     with torch.no_grad():
-        model.predict(batches[0])  # warm-up (and compilation)
-        seconds, cached = timed(lambda: [model.predict(b) for b in batches], device)
-    results.append({"variant": "uni19, prefix-cached packed scoring", "users": users, "seconds": seconds,
-                    "users_per_s": users / seconds})
+        run = warm_up_and_time(model.predict, batches, args, device)
+    results.append({"variant": "uni19, prefix-cached packed scoring", "users": users, **_timing(run, users)})
 
     small, small_users = eval_batches(test, args.nocache_users, device)
     with torch.no_grad():
-        score_without_cache(model, small[0])
-        seconds, plain = timed(lambda: [score_without_cache(model, b) for b in small], device)
+        run = warm_up_and_time(lambda b: score_without_cache(model, b), small, args, device)
         reference = [model.predict(b) for b in small]
-    agreement = max(float((p - r).abs().max()) for p, r in zip(plain, reference))
+    agreement = max(float((p - r).abs().max()) for p, r in zip(run["out"], reference))
     results.append({"variant": "uni19, full prompt per candidate (no cache)", "users": small_users,
-                    "seconds": seconds, "users_per_s": small_users / seconds, "max_abs_score_diff": agreement})
+                    **_timing(run, small_users), "max_abs_score_diff": agreement})
 
     gen, gen_users = eval_batches(test, args.generate_users, device)
-    model.generate_answers(gen[0], args.max_new_tokens)
-    seconds, counts = timed(lambda: [model.generate_answers(b, args.max_new_tokens) for b in gen], device)
-    results.append({"variant": f"uni19, greedy generation ({args.max_new_tokens} new tokens)", "users": gen_users,
-                    "seconds": seconds, "users_per_s": gen_users / seconds})
+    run = warm_up_and_time(lambda b: model.generate_answers(b, args.max_new_tokens), gen, args, device)
+    results.append({"variant": f"uni19, greedy generation ({args.max_new_tokens} new tokens, eager)",
+                    "users": gen_users, **_timing(run, gen_users)})
     return results
+
+
+def _timing(run: dict, users: int) -> dict:
+    return {"seconds": run["seconds"], "users_per_s": users / run["seconds"], "warmup_s": run["warmup_s"],
+            "compiles_while_timed": run["compiles_while_timed"]}
 
 
 # ---------------------------------------------------------------------------------------- full ranking
@@ -271,10 +298,10 @@ def bench_fullrank(model, test, args, device):
         users = users[torch.arange(min(args.fullrank_users, len(users)))]
     n = len(users)
     chunks = [users[torch.arange(i, min(i + args.fullrank_batch_users, n))] for i in range(0, n, args.fullrank_batch_users)]
-    model.full_sort_predict(chunks[0].to(device))
-    seconds, _ = timed(lambda: [model.full_sort_predict(c.to(device)) for c in chunks], device)
+    run = warm_up_and_time(lambda c: model.full_sort_predict(c.to(device)), chunks, args, device)
     results.append({"variant": f"full ranking, {args.dataset} test users", "users": n, "items": model.n_items - 1,
-                    "seconds": seconds, "extrapolated": False})
+                    "seconds": run["seconds"], "extrapolated": False, "warmup_s": run["warmup_s"],
+                    "compiles_while_timed": run["compiles_while_timed"]})
 
     # Synthetic ml-1m-sized catalogue: real titles (so realistic token lengths) cycled with a suffix.
     titles = model.prompt.titles[1:]
@@ -291,12 +318,12 @@ def bench_fullrank(model, test, args, device):
     synthetic_users = user_rows(test, measure)
     chunks = [synthetic_users[torch.arange(i, min(i + args.fullrank_batch_users, measure))]
               for i in range(0, measure, args.fullrank_batch_users)]
-    model.full_sort_predict(chunks[0].to(device))
-    seconds, _ = timed(lambda: [model.full_sort_predict(c.to(device)) for c in chunks], device)
-    total = seconds * args.synthetic_users / measure
+    run = warm_up_and_time(lambda c: model.full_sort_predict(c.to(device)), chunks, args, device)
+    total = run["seconds"] * args.synthetic_users / measure
     results.append({"variant": f"full ranking, synthetic ml-1m size", "users": args.synthetic_users,
                     "items": args.synthetic_items, "seconds": total, "measured_users": measure,
-                    "extrapolated": measure < args.synthetic_users})
+                    "extrapolated": measure < args.synthetic_users, "warmup_s": run["warmup_s"],
+                    "compiles_while_timed": run["compiles_while_timed"]})
     model.prompt, model.n_items = real_prompt, real_items
     return results
 

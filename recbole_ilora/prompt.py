@@ -170,14 +170,14 @@ class PromptBuilder(nn.Module):
         lengths = valid.sum(1)
         # Rounding the width up bounds the number of distinct shapes torch.compile sees.
         width = -(-int(lengths.max()) // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        rows = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(ids)[valid]
-        cols = position[valid]
+        rows, source = valid.nonzero(as_tuple=True)  # one host sync for all the selections below
+        cols = position[rows, source]
         out_ids = torch.full((ids.shape[0], width), self.pad_id, dtype=torch.long, device=ids.device)
         out_items = torch.zeros_like(out_ids)
         out_kind = torch.full_like(out_ids, TEXT)
-        out_ids[rows, cols] = ids[valid]
-        out_items[rows, cols] = items[valid]
-        out_kind[rows, cols] = kind[valid]
+        out_ids[rows, cols] = ids[rows, source]
+        out_items[rows, cols] = items[rows, source]
+        out_kind[rows, cols] = kind[rows, source]
         mask = torch.arange(width, device=ids.device) < lengths[:, None]
         return Prompts(out_ids, mask, out_items, out_kind)
 

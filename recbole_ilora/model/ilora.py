@@ -122,7 +122,7 @@ class iLoRA(SequentialRecommender):
         self.lm_head = base.get_output_embeddings()
         self.embed_tokens = base.get_input_embeddings()
         self._cache_kwarg = "cache" if "cache" in inspect.signature(self.decoder.forward).parameters else "past_key_values"
-        self.compiled = False
+        self._compiled_forward = None  # set by compile_llm
 
     # ------------------------------------------------------------------------------------------ setup
     @staticmethod
@@ -151,10 +151,30 @@ class iLoRA(SequentialRecommender):
             self._gate_encoder[0]._apply(fn, *args, **kwargs)
         return self
 
+    @property
+    def compiled(self) -> bool:
+        return self._compiled_forward is not None
+
     def compile_llm(self, **compile_kwargs) -> None:
-        """Compile the LLM's decoder with torch.compile (launch-bound small LLMs gain ~2x on GPU)."""
-        self.decoder.compile(**compile_kwargs)
-        self.compiled = True
+        """Compile the decoder for training and scoring with torch.compile (launch-bound small LLMs gain ~2x on GPU).
+
+        One graph serves training steps, one prompt encoding and one packed scoring, whatever the batch
+        sizes and widths: :meth:`_decode` marks batch and sequence dims dynamic before every call, and
+        the gate weights enter as an argument (:meth:`_gated_decoder`). With dynamo's defaults it
+        specialised on the first sizes, recompiled as each one changed, and reached its recompile limit
+        (8), past which it runs eager. ``dynamic=True`` would also make the LLM's float attributes
+        symbolic and restart every compilation to specialise them again. The LLM module itself stays
+        eager: HF generation (``eval_generate``) neither uses nor recompiles these graphs.
+        """
+        self._compiled_forward = torch.compile(self._gated_decoder, **compile_kwargs)
+
+    def _gated_decoder(self, gate_weights: torch.Tensor | None, **inputs):
+        # What compile_llm compiles. The gate weights are an argument, hence a graph input with a dynamic
+        # batch dim; read from the hooks' shared state, dynamo would take them for a module property, of
+        # static shape, and recompile for every batch size.
+        if gate_weights is not None:
+            self.gate_state.weights = gate_weights
+        return self.decoder(**inputs)
 
     def trainable_state_dict(self) -> dict:
         """Only what training changes: LoRA experts, gate, projector (the frozen LLM is not saved)."""
@@ -169,6 +189,28 @@ class iLoRA(SequentialRecommender):
                 f"lora_target_modules or model?). Missing: {sorted(missing)[:5]}, unexpected: {sorted(unexpected)[:5]}."
             )
         self.load_state_dict(state, strict=False)
+
+    def _decode(self, **inputs):
+        """The decoder, compiled after :meth:`compile_llm`, with the dims that change between calls marked dynamic.
+
+        Batch and sequence dims vary: ``[batch, length]`` ids, positions and masks, ``[batch, length,
+        hidden]`` embeddings, ``[batch, 1, query, key]`` masks, ``[batch, heads, length, head_dim]``
+        cached keys and values, and the ``[batch, rank]`` gate weights the LoRA hooks read. A size of
+        1 is still specialised by dynamo (a batch of one prompt compiles once more).
+        """
+        if self._compiled_forward is None:
+            return self.decoder(**inputs)
+        varying = [(t, (0, 2, 3) if t.dim() == 4 else (0, 1)) for t in inputs.values() if isinstance(t, torch.Tensor)]
+        cache = inputs.get(self._cache_kwarg)
+        if cache is not None:
+            varying += [(t, (0, 2)) for layer in cache.layers for t in (layer.keys, layer.values)]
+        gate_weights = self.gate_state.weights if self.gate_state is not None else None
+        if gate_weights is not None:
+            varying.append((gate_weights, (0,)))
+        for tensor, dims in varying:
+            for dim in dims:
+                torch._dynamo.maybe_mark_dynamic(tensor, dim)
+        return self._compiled_forward(gate_weights, **inputs)
 
     # -------------------------------------------------------------------------------------- inputs
     def _recent_history(self, interaction) -> tuple[torch.Tensor, torch.Tensor]:
@@ -190,13 +232,14 @@ class iLoRA(SequentialRecommender):
 
     def _input_embeddings(self, prompts: Prompts) -> torch.Tensor:
         embeddings = self.embed_tokens(prompts.input_ids)
-        placeholders = prompts.kind == BEHAVIOUR
-        if self.use_behaviour_tokens and bool(placeholders.any()):
-            items = prompts.behaviour_items[placeholders]
-            with torch.no_grad():
-                item_embeddings = self.gate_encoder.item_embedding(items)
-            behaviour = self.projector(item_embeddings.float()).to(embeddings.dtype)
-            embeddings = embeddings.masked_scatter(placeholders[..., None], behaviour)
+        if self.use_behaviour_tokens:
+            placeholders = prompts.kind == BEHAVIOUR
+            items = prompts.behaviour_items[placeholders]  # one host sync: their count
+            if items.numel():  # none in a text-only (curriculum) batch
+                with torch.no_grad():
+                    item_embeddings = self.gate_encoder.item_embedding(items)
+                behaviour = self.projector(item_embeddings.float()).to(embeddings.dtype)
+                embeddings = embeddings.masked_scatter(placeholders[..., None], behaviour)
         return embeddings
 
     @contextmanager
@@ -242,7 +285,7 @@ class iLoRA(SequentialRecommender):
         )
         self.last_batch_tokens = prompts.lengths.sum()  # for throughput reports (a tensor: no GPU sync here)
         with self._gated(self._user_repr(interaction)):
-            hidden = self.decoder(
+            hidden = self._decode(
                 inputs_embeds=self._input_embeddings(prompts), attention_mask=prompts.attention_mask.long(), use_cache=False
             ).last_hidden_state
             # The LM head runs only where the next token is part of the answer: no full-vocabulary
@@ -253,52 +296,54 @@ class iLoRA(SequentialRecommender):
 
     # -------------------------------------------------------------------------------------- scoring
     def _encode_prompts(self, prompts: Prompts):
-        out = self.decoder(
+        out = self._decode(
             inputs_embeds=self._input_embeddings(prompts), attention_mask=prompts.attention_mask.long(), use_cache=True
         )
         cache = out[self._cache_kwarg]  # transformers >= 5.2x names it "cache", earlier "past_key_values"
         last = out.last_hidden_state[torch.arange(prompts.input_ids.shape[0]), prompts.lengths - 1]
         return cache, last
 
-    def _score_packed(self, prompts: Prompts, cache, last_hidden, items: torch.Tensor, present: torch.Tensor):
-        """Mean log-probability of each ``items[g, m]``'s ``title + newline`` after prompt ``g``.
+    def _score_packed(self, prompts: Prompts, cache, last_hidden, ids: torch.Tensor, valid: torch.Tensor, width: int,
+                      num_valid: int):
+        """Mean log-probability of each candidate's ``title + newline`` after prompt ``g``.
 
-        All candidates of a prompt are packed into one continuation: candidate tokens attend to the
-        cached prompt and, causally, to their own candidate only (block-diagonal mask); positions
-        restart at the prompt length for every candidate. Exactly equal to scoring each candidate
-        after its own copy of the prompt, without copying the prompt or its cache.
+        ``ids``/``valid``: ``[G, M, T]`` answer tokens of ``M`` candidates per prompt; ``width``: the
+        most valid tokens of any prompt, ``num_valid``: all prompts' (both known to the caller, so this
+        method never waits for the device). All candidates of a prompt are packed into one
+        continuation: candidate tokens attend to the cached prompt and, causally, to their own
+        candidate only (block-diagonal mask); positions restart at the prompt length for every
+        candidate. Exactly equal to scoring each candidate after its own copy of the prompt, without
+        copying the prompt or its cache.
         """
-        groups, slots = items.shape
-        device = items.device
-        ids, valid = self.prompt.answer_tokens(items.reshape(-1))
-        ids, valid = ids.view(groups, -1), (valid.view(groups, slots, -1) & present[..., None]).view(groups, -1)
-        tokens_per_item = valid.shape[1] // slots
+        groups, slots, tokens_per_item = ids.shape
+        device = ids.device
+        ids, valid = ids.reshape(groups, -1), valid.reshape(groups, -1)
         segment = torch.arange(slots, device=device).repeat_interleave(tokens_per_item).expand(groups, -1)
         offset = torch.arange(tokens_per_item, device=device).repeat(slots).expand(groups, -1)
 
         # Compact each row: valid tokens first, in order.
-        order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)
-        width = int(valid.sum(1).max())
-        order = order[:, :width]
+        counts = valid.sum(1)
+        order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)[:, :width]
         ids, valid = torch.gather(ids, 1, order), torch.gather(valid, 1, order)
         segment = torch.where(valid, torch.gather(segment, 1, order), -1)
         offset = torch.gather(offset, 1, order)
 
-        prompt_len = prompts.attention_mask.shape[1]
         causal = torch.arange(width, device=device)[:, None] >= torch.arange(width, device=device)[None, :]
         own = (segment[:, :, None] == segment[:, None, :]) & causal & valid[:, None, :]
         mask = torch.cat([prompts.attention_mask[:, None, :].expand(-1, width, -1), own], 2)[:, None]
         positions = prompts.lengths[:, None] + offset
-        out = self.decoder(
+        hidden = self._decode(
             input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **{self._cache_kwarg: cache}
-        )
-        cache.crop(-width)  # drop the continuation again: the next chunk reuses the prompt's cache
-        hidden = out.last_hidden_state
+        ).last_hidden_state
         # Token j of a candidate is predicted from the hidden state before it: the prompt's last for j=0.
         previous = torch.cat([last_hidden[:, None], hidden[:, :-1]], 1)
         previous = torch.where((offset == 0)[..., None], last_hidden[:, None].expand_as(hidden), previous)
-        log_probs = -F.cross_entropy(self.lm_head(previous[valid]).float(), ids[valid], reduction="none")
-        flat_slot = (torch.arange(groups, device=device)[:, None] * slots + segment)[valid]
+        # (row, column) of every valid token -- the first counts[g] of row g -- like valid.nonzero(), which
+        # would wait for the device to learn their number.
+        rows = torch.repeat_interleave(torch.arange(groups, device=device), counts, output_size=num_valid)
+        cols = torch.arange(num_valid, device=device) - (torch.cumsum(counts, 0) - counts)[rows]
+        log_probs = -F.cross_entropy(self.lm_head(previous[rows, cols]).float(), ids[rows, cols], reduction="none")
+        flat_slot = rows * slots + segment[rows, cols]
         total = torch.zeros(groups * slots, device=device).index_add_(0, flat_slot, log_probs)
         count = torch.zeros(groups * slots, device=device).index_add_(0, flat_slot, torch.ones_like(log_probs))
         return (total / count.clamp(min=1)).view(groups, slots)
@@ -313,12 +358,23 @@ class iLoRA(SequentialRecommender):
         groups, slots = items.shape
         per_item = int(self.prompt.title_len[items].max()) + self.prompt.answer_end_ids.numel()
         chunk = max(1, self.score_pack_tokens // per_item)
+        ids, valid = self.prompt.answer_tokens(items.reshape(-1))
+        ids, valid = ids.view(groups, slots, -1), valid.view(groups, slots, -1) & present[..., None]
+        # Width and token count of every chunk's packed continuation in one host sync, not two per chunk.
+        chunk_tokens = F.pad(valid.sum(2), (0, -slots % chunk)).view(groups, -1, chunk).sum(2)
+        widths, totals = torch.stack([chunk_tokens.amax(0), chunk_tokens.sum(0)]).tolist()
         scores = []
         with self._gated(user_repr):
             cache, last = self._encode_prompts(prompts)
-            for start in range(0, slots, chunk):
+            prompt_kv = [(layer.keys, layer.values) for layer in cache.layers]
+            for width, total, start in zip(widths, totals, range(0, slots, chunk)):
                 part = slice(start, start + chunk)
-                scores.append(self._score_packed(prompts, cache, last, items[:, part], present[:, part]))
+                scores.append(self._score_packed(prompts, cache, last, ids[:, part], valid[:, part], width, total))
+                # Drop the continuation again: the next chunk reuses the prompt's cache. Restoring the
+                # prompt's own tensors rather than cache.crop() (a strided view of the longer tensor)
+                # gives the compiled decoder the same input strides for every chunk: no recompilation.
+                for layer, (keys, values) in zip(cache.layers, prompt_kv):
+                    layer.keys, layer.values = keys, values
         return torch.cat(scores, 1).float()
 
     def _group_rows(self, interaction):
@@ -333,7 +389,7 @@ class iLoRA(SequentialRecommender):
         group = torch.cumsum(starts.long(), 0) - 1
         first_row = torch.nonzero(starts).squeeze(1)
         slot = torch.arange(user.shape[0], device=user.device) - first_row[group]
-        groups, width = int(group[-1]) + 1, int(slot.max()) + 1
+        groups, width = (torch.stack([group[-1], slot.max()]) + 1).tolist()  # one host sync
         items = torch.zeros(groups, width, dtype=torch.long, device=user.device)
         present = torch.zeros(groups, width, dtype=torch.bool, device=user.device)
         items[group, slot] = interaction[self.ITEM_ID]
@@ -355,7 +411,7 @@ class iLoRA(SequentialRecommender):
         order = self._prompt_order(interaction[self.USER_ID][first_row], items, present)
         shown, shown_present = torch.gather(items, 1, order), torch.gather(present, 1, order)
         template = torch.zeros_like(first_row)  # evaluation uses the first (the authors') template
-        self.prompt.set_num_candidates(int(present.sum(1).max()))
+        self.prompt.set_num_candidates(present.shape[1])  # the most candidates of any user
         return self.prompt.build(history, history_present, shown, template, self.use_behaviour_tokens,
                                  candidates_present=shown_present)
 

@@ -1,0 +1,104 @@
+"""torch.compile on the scoring and training paths: eager results, and a bounded number of compilations.
+
+The decoder is compiled with dynamo's ``aot_eager`` backend behind a counter: the same graph capture,
+guards and recompilations as inductor, without inductor's slow CPU code generation.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from recbole.data import create_dataset, data_preparation
+from recbole.utils import init_seed
+from torch._dynamo.testing import CompileCounterWithBackend
+
+from recbole_ilora.config import Config
+from recbole_ilora.model.ilora import iLoRA
+
+from conftest import TINY_LLM  # noqa: E402 - pytest puts tests/ on sys.path
+from test_ilora import randomize_lora_b  # noqa: E402
+
+# pad_to_multiple_of 1: every batch has its own prompt width. 80 rows = 4 uni19 users per batch.
+COMPILE = {**TINY_LLM, "epochs": 1, "lora_dropout": 0.0, "pad_to_multiple_of": 1, "eval_batch_size": 80,
+           "train_batch_size": 8}
+
+
+@pytest.fixture(scope="module")
+def data(ml100k_slice, tmp_path_factory):
+    overrides = {**ml100k_slice, **COMPILE, "checkpoint_dir": str(tmp_path_factory.mktemp("saved"))}
+    config = Config(model="iLoRA", dataset="ml-100k-slice", config_dict=overrides)
+    init_seed(config["seed"], True)
+    train, _, test = data_preparation(config, create_dataset(config))
+    return overrides, config, train, test
+
+
+@pytest.fixture()
+def model(data):
+    overrides, config, train, _ = data
+    init_seed(config["seed"], True)
+    model = iLoRA(config, train._dataset)
+    randomize_lora_b(model)
+    torch._dynamo.reset()  # no compiled code or recompilation counts from other tests
+    yield model
+    torch._dynamo.reset()
+
+
+def uni19_batches(test, count):
+    """``count`` uni19 batches of 4, 3, 2, 4, 3, ... users (20 rows each): batch sizes vary too."""
+    batches = [batched[0] for batched in test][:count]
+    assert len(batches) == count and all(len(b) == 80 for b in batches)
+    return [b[torch.arange(80 - 20 * (i % 3))] for i, b in enumerate(batches)]
+
+
+def compile_counted(model) -> CompileCounterWithBackend:
+    counter = CompileCounterWithBackend("aot_eager")
+    model.compile_llm(backend=counter)
+    return counter
+
+
+def test_compiled_predict_equals_eager_and_compiles_twice(model, data):
+    batches = uni19_batches(data[3], 6)
+    model.eval()
+    with torch.no_grad():
+        widths = {model._candidate_prompts(b, *model._group_rows(b)[2:]).input_ids.shape[1] for b in batches}
+        assert len(widths) >= 4
+        eager = [model.predict(b) for b in batches]
+        counter = compile_counted(model)
+        compiled = [model.predict(b) for b in batches]
+    for c, e in zip(compiled, eager):
+        torch.testing.assert_close(c, e, atol=1e-5, rtol=1e-5)
+    # One graph encodes prompts, one scores packed candidates against their cache: for every width and
+    # batch size (a batch of one prompt would add a graph: dynamo specialises size 1).
+    assert counter.frame_count == 2
+
+
+def test_compiled_full_sort_predict_equals_eager_and_compiles_twice(model, data):
+    users = [b[torch.arange(0, len(b), 20)] for b in uni19_batches(data[3], 4)]
+    model.score_pack_tokens = 64  # many chunks of different packed widths per batch
+    model.eval()
+    with torch.no_grad():
+        eager = [model.full_sort_predict(u) for u in users]
+        counter = compile_counted(model)
+        compiled = [model.full_sort_predict(u) for u in users]
+    for c, e in zip(compiled, eager):
+        torch.testing.assert_close(c, e, atol=1e-5, rtol=1e-5)
+    assert counter.frame_count == 2
+
+
+def test_compiled_training_loss_equals_eager_and_compiles_once(model, data):
+    batches = [b for b, _ in zip(data[2], range(3))]
+    batches[1] = batches[1][torch.arange(5)]  # another batch size
+    model.curriculum = False  # the same prompts in both runs, whatever the random draw
+
+    def losses():
+        torch.manual_seed(0)
+        return [model.calculate_loss(b) for b in batches]
+
+    model.train()
+    eager = losses()
+    counter = compile_counted(model)
+    compiled = losses()
+    for c, e in zip(compiled, eager):
+        torch.testing.assert_close(c, e, atol=1e-5, rtol=1e-5)
+    compiled[0].backward()
+    assert counter.frame_count == 1
