@@ -56,17 +56,24 @@ def compile_counted(model) -> CompileCounterWithBackend:
     return counter
 
 
+@torch.no_grad()
+def assert_compiled_equals_eager(model, score, inputs) -> CompileCounterWithBackend:
+    """``score`` over ``inputs`` eager, then compiled: equal outputs; returns the compile counter."""
+    eager = [score(x) for x in inputs]
+    counter = compile_counted(model)
+    compiled = [score(x) for x in inputs]
+    for c, e in zip(compiled, eager):
+        torch.testing.assert_close(c, e, atol=1e-5, rtol=1e-5)
+    return counter
+
+
 def test_compiled_predict_equals_eager_and_compiles_twice(model, data):
     batches = uni19_batches(data[3], 6)
     model.eval()
     with torch.no_grad():
         widths = {model._candidate_prompts(b, *model._group_rows(b)[2:]).input_ids.shape[1] for b in batches}
-        assert len(widths) >= 4
-        eager = [model.predict(b) for b in batches]
-        counter = compile_counted(model)
-        compiled = [model.predict(b) for b in batches]
-    for c, e in zip(compiled, eager):
-        torch.testing.assert_close(c, e, atol=1e-5, rtol=1e-5)
+    assert len(widths) >= 4
+    counter = assert_compiled_equals_eager(model, model.predict, batches)
     # One graph encodes prompts, one scores packed candidates against their cache: for every width and
     # batch size (a batch of one prompt would add a graph: dynamo specialises size 1).
     assert counter.frame_count == 2
@@ -76,12 +83,7 @@ def test_compiled_full_sort_predict_equals_eager_and_compiles_twice(model, data)
     users = [b[torch.arange(0, len(b), 20)] for b in uni19_batches(data[3], 4)]
     model.score_pack_tokens = 64  # many chunks of different packed widths per batch
     model.eval()
-    with torch.no_grad():
-        eager = [model.full_sort_predict(u) for u in users]
-        counter = compile_counted(model)
-        compiled = [model.full_sort_predict(u) for u in users]
-    for c, e in zip(compiled, eager):
-        torch.testing.assert_close(c, e, atol=1e-5, rtol=1e-5)
+    counter = assert_compiled_equals_eager(model, model.full_sort_predict, users)
     assert counter.frame_count == 2
 
 
