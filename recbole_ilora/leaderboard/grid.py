@@ -633,13 +633,15 @@ def run_grid(
         skipped.extend(cell for cell in ready if cell.key in done and cell.key not in counted)
         progress.update(sum(cell.key in done and cell.key not in counted for cell in ready))
         counted.update(cell.key for cell in ready if cell.key in done)
-        # Without a run id, shares are taken by position in the stage's full cell list (awaiting cells
-        # included), not in what is pending now: every shard computes the same assignment whenever it
-        # looks, so no cell runs twice.
-        mine = {cell.key for cell in cells[index::count]}
-        queue = iter([cell for cell in pending if cell.key in mine])
+        if run_id:
+            next_cell = lambda: store.claim(pending, run_id, f"{index}/{count}")  # noqa: E731
+        else:
+            # Shares by position in the stage's full cell list (awaiting cells included), not in what is
+            # pending now: every shard computes the same assignment whenever it looks, so no cell runs twice.
+            mine = iter([cell for cell in cells[index::count] if cell in pending])
+            next_cell = lambda: next(mine, None)  # noqa: E731
         while True:
-            cell = store.claim(pending, run_id, f"{index}/{count}") if run_id else next(queue, None)
+            cell = next_cell()
             if cell is None:
                 break
             progress.set_postfix_str(str(cell))
