@@ -146,8 +146,8 @@ def apply() -> None:
     configurator.Config.compatibility_settings = _numpy_compatibility_settings
     for (module_name, class_name, method_name), fixes in _SOURCE_FIXES.items():
         _patch_source(module_name, class_name, method_name, fixes)
-    import torch
     import recbole.model.sequential_recommender  # noqa: F401 - imports sine.py, which enables anomaly mode
+    import torch
 
     torch.autograd.set_detect_anomaly(False)
     _APPLIED = True

@@ -9,13 +9,9 @@ belongs to ``run_recbole_ilora.py``, which turns ``--key=value`` overrides into 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from recbole.config import Config as RecBoleConfig
 
-from recbole_ilora.utils import get_model
-
-PROPERTIES_DIR = Path(__file__).resolve().parent.parent / "properties"
+from recbole_ilora.utils import get_model, properties_dir
 
 
 class Config(RecBoleConfig):
@@ -38,11 +34,7 @@ class Config(RecBoleConfig):
 
     def _load_internal_config_dict(self, model, model_class, dataset):
         super()._load_internal_config_dict(model, model_class, dataset)
-        if not PROPERTIES_DIR.is_dir():
-            raise FileNotFoundError(
-                f"recbole_ilora's properties folder is missing ({PROPERTIES_DIR}). Install the plugin "
-                f"from its repository with `pip install -e .` so properties/ stays beside the package."
-            )
+        PROPERTIES_DIR = properties_dir()
         # A plugin model inherits the YAML defaults of its base classes (LLaRA and TALLRec use iLoRA.yaml).
         model_files = [PROPERTIES_DIR / "model" / f"{cls.__name__}.yaml" for cls in reversed(model_class.__mro__)]
         for path in (

@@ -416,9 +416,9 @@ class DistributedTrainerMixin:
             config["single_spec"] = single_spec
         if single_spec:
             return
-        from recbole_ilora.trainer import LLMTrainer
+        from recbole_ilora.trainer import iLoRATrainer
 
-        loss_forward = isinstance(self, LLMTrainer)
+        loss_forward = isinstance(self, iLoRATrainer)
         if not loss_forward and torch.device(config["device"]).type == "cuda":
             self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)  # as RecBole
         self.distributed_model = wrap_ddp(self.model, config, loss_forward=loss_forward)

@@ -10,15 +10,14 @@ the next run with the same data and settings reuses the file instead of training
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 from logging import getLogger
 from pathlib import Path
 
 import numpy as np
 import torch
 from recbole.utils import argument_list, init_seed
+
+from recbole_ilora.utils import NON_RESULT_KEYS, atomic_path, fingerprint
 
 # Settings that define the data a gate encoder was trained on: RecBole's dataset arguments, the split
 # and the seed. Everything else of the LLM run (learning rate, batch size, epochs) is not passed on.
@@ -32,11 +31,7 @@ _DATA_KEYS = tuple(argument_list.dataset_arguments) + (
 def item_tokens_digest(dataset) -> str:
     """Fingerprint of the dataset's item id mapping: a gate encoder only fits the mapping it was trained on."""
     tokens = np.asarray(dataset.field2id_token[dataset.iid_field]).astype(str)
-    return hashlib.sha256("\x1f".join(tokens.tolist()).encode()).hexdigest()[:16]
-
-
-# Settings passed on that do not change the trained encoder, so they stay out of its cache key.
-_COSMETIC_KEYS = ("show_progress", "state", "checkpoint_dir", "gpu_id", "use_gpu", "worker")
+    return fingerprint("\x1f".join(tokens.tolist()), length=16)
 
 
 def _gate_run_settings(config) -> dict:
@@ -56,9 +51,8 @@ def gate_encoder_checkpoint(config) -> Path:
             )
         return path
     settings = _gate_run_settings(config)
-    defining = {k: v for k, v in settings.items() if k not in _COSMETIC_KEYS}
-    key = json.dumps({"dataset": config["dataset"], **defining}, sort_keys=True, default=str)
-    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    defining = {k: v for k, v in settings.items() if k not in NON_RESULT_KEYS}
+    digest = fingerprint({"dataset": config["dataset"], **defining})
     path = Path(config["checkpoint_dir"]) / "gate_encoders" / f"SASRec-{config['dataset']}-{digest}.pth"
     if path.is_file():
         getLogger().info(f"Reusing the pretrained gate encoder {path}")
@@ -84,14 +78,12 @@ def _pretrain(dataset_name: str, settings: dict, path: Path) -> Path:
     init_seed(sasrec_config["seed"], sasrec_config["reproducibility"])
     model = SASRec(sasrec_config, train_data._dataset).to(sasrec_config["device"])
     trainer = Trainer(sasrec_config, model)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(f".partial-{os.getpid()}")  # parallel runs may pretrain the same encoder
-    trainer.saved_model_file = str(partial)
-    trainer.fit(train_data, valid_data, saved=True, show_progress=sasrec_config["show_progress"])
-    checkpoint = torch.load(partial, map_location="cpu", weights_only=False)  # written just above
-    checkpoint["item_tokens_digest"] = item_tokens_digest(dataset)
-    torch.save(checkpoint, partial)
-    os.replace(partial, path)  # atomic: an interrupted pretraining never looks finished
+    with atomic_path(path) as partial:  # parallel runs may pretrain the same encoder
+        trainer.saved_model_file = str(partial)
+        trainer.fit(train_data, valid_data, saved=True, show_progress=sasrec_config["show_progress"])
+        checkpoint = torch.load(partial, map_location="cpu", weights_only=False)  # written just above
+        checkpoint["item_tokens_digest"] = item_tokens_digest(dataset)
+        torch.save(checkpoint, partial)
     return path
 
 

@@ -13,14 +13,14 @@
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
-import shutil
 from pathlib import Path
 from typing import Iterable
 
 import torch
+
+from recbole_ilora.utils import atomic_path, fingerprint
 
 SMOLLM2_ALIAS = "smollm2-135m"
 TINY_ALIAS = "tiny-random-llama"
@@ -53,7 +53,7 @@ def smollm2_gguf_path() -> Path:
 
 def _convert_gguf(gguf_path: Path) -> Path:
     """Dequantise a GGUF model once into a cached Hugging Face folder; return the folder."""
-    digest = hashlib.sha256(f"{gguf_path.resolve()}:{gguf_path.stat().st_size}".encode()).hexdigest()[:12]
+    digest = fingerprint(f"{gguf_path.resolve()}:{gguf_path.stat().st_size}")
     target = cache_root() / f"{gguf_path.stem}-{digest}"
     if (target / "config.json").is_file():
         return target
@@ -70,17 +70,9 @@ def _convert_gguf(gguf_path: Path) -> Path:
     model.hf_quantizer = None
     if hasattr(model, "is_quantized"):
         model.is_quantized = False
-    # A folder of this process's own (parallel runs may convert at the same time), renamed atomically:
-    # an interrupted conversion never looks finished.
-    partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
-    model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    try:
-        partial.rename(target)
-    except OSError:
-        if not (target / "config.json").is_file():
-            raise
-        shutil.rmtree(partial)  # another process finished the same conversion first
+    with atomic_path(target) as partial:  # parallel runs may convert the same file at the same time
+        model.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
     return target
 
 

@@ -20,8 +20,9 @@ import torch
 import yaml
 from torch import nn
 
+from recbole_ilora.utils import properties_dir
+
 TEXT, BEHAVIOUR, ANSWER = 0, 1, 2  # token kinds
-DEFAULT_PROMPT_FILE = Path(__file__).resolve().parent.parent / "properties" / "prompts.yaml"
 
 
 @dataclass
@@ -40,7 +41,7 @@ class Prompts:
 
 def load_templates(prompt_file: str | None, domain: str) -> dict:
     """``{"train": [...], "eval": str, "ranking": str}`` templates of one domain from a YAML file."""
-    path = Path(prompt_file) if prompt_file else DEFAULT_PROMPT_FILE
+    path = Path(prompt_file) if prompt_file else properties_dir() / "prompts.yaml"
     with open(path, encoding="utf-8") as handle:
         domains = yaml.safe_load(handle)
     if domain not in domains:

@@ -1,6 +1,6 @@
 """Trainers of the plugin models (resolved by ``recbole_ilora.utils.get_trainer``).
 
-:class:`LLMTrainer` is RecBole's ``Trainer`` -- its epoch loop, validation, early stopping, logging
+:class:`iLoRATrainer` (also LLaRA's and TALLRec's, found through the model's base class) is RecBole's ``Trainer`` -- its epoch loop, validation, early stopping, logging
 and evaluators are kept -- with what fine-tuning an LLM adapter needs: gradient accumulation, linear
 warm-up then cosine decay to ``min_lr_ratio × lr`` (transformers' scheduler; the authors' schedule),
 AdamW (fused on GPU) with per-group learning rates and weight decay, gradient clipping, mixed
@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from recbole_ilora import distributed
 
 
-class LLMTrainer(Trainer):
+class iLoRATrainer(Trainer):
     def __init__(self, config, model):
         self.accumulation_steps = max(1, int(config["gradient_accumulation_steps"]))
         super().__init__(config, model)
@@ -193,15 +193,3 @@ class LLMTrainer(Trainer):
             "gen_hr@1_all": counts["correct"] / total,
             "gen_valid_ratio": counts["valid"] / total,
         }
-
-
-class iLoRATrainer(LLMTrainer):
-    pass
-
-
-class LLaRATrainer(LLMTrainer):
-    pass
-
-
-class TALLRecTrainer(LLMTrainer):
-    pass

@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 from recbole.config.configurator import Config as RecBoleConfig
@@ -109,7 +108,6 @@ def test_version_mismatch_fails_loudly():
 
 
 def test_importing_recbole_models_leaves_anomaly_detection_off():
-    import torch
     from recbole.model.sequential_recommender import SASRec  # noqa: F401
 
     assert not torch.is_anomaly_enabled()

@@ -14,9 +14,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 from recbole_ilora.config import Config
 from recbole_ilora.model.ilora import iLoRA
-
-from conftest import TINY_LLM  # noqa: E402 - pytest puts tests/ on sys.path
-from test_ilora import randomize_lora_b  # noqa: E402
+from tests.helpers import TINY_LLM, randomize_lora_b
 
 # pad_to_multiple_of 1: every batch has its own prompt width. 80 rows = 4 uni19 users per batch.
 COMPILE = {**TINY_LLM, "epochs": 1, "lora_dropout": 0.0, "pad_to_multiple_of": 1, "eval_batch_size": 80,

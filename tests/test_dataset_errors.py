@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from recbole.data import create_dataset
 
 import recbole_ilora  # noqa: F401 - RecBole compatibility fixes
-from recbole.data import create_dataset
 from recbole_ilora.config import Config
 from recbole_ilora.data import DatasetError, check_atomic_files, item_titles
 from recbole_ilora.data.llara import convert

@@ -10,7 +10,6 @@ token weighting: one process with one batch of 4x the size weights tokens, not m
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
@@ -19,14 +18,14 @@ import torch.multiprocessing as mp
 from recbole.data import create_dataset, data_preparation
 from recbole.utils import init_seed
 
-from conftest import write_ml100k_slice
 from recbole_ilora import distributed
 from recbole_ilora.cli import main as cli_main
 from recbole_ilora.config import Config
-from recbole_ilora.gate_encoder import gate_encoder_checkpoint
 from recbole_ilora.evaluation import RecordingEvaluator, per_user_metrics
+from recbole_ilora.gate_encoder import gate_encoder_checkpoint
 from recbole_ilora.model.ilora import iLoRA
-from recbole_ilora.trainer import LLMTrainer
+from recbole_ilora.trainer import iLoRATrainer
+from tests.helpers import free_port, randomize_lora_b, write_ml100k_slice
 
 MICRO_BATCH = 8
 NUM_USERS = 39
@@ -42,12 +41,6 @@ TINY = {
 }
 
 
-def free_port() -> str:
-    with socket.socket() as sock:
-        sock.bind(("localhost", 0))
-        return str(sock.getsockname()[1])
-
-
 class SeededBatches:
     """Fixed micro-batches; the global RNG is seeded with ``1000 + index`` before micro-batch ``index`` is used."""
 
@@ -61,14 +54,6 @@ class SeededBatches:
         for index, batch in zip(self.indices, self.batches):
             torch.manual_seed(1000 + index)
             yield batch
-
-
-def randomize_lora_b(model, seed=0):
-    """peft starts B at zero (A then gets no gradient): give it values so that every tensor is tested."""
-    generator = torch.Generator().manual_seed(seed)
-    for name, parameter in model.named_parameters():
-        if "lora_B" in name:
-            parameter.data = torch.randn(parameter.shape, generator=generator) * 0.5
 
 
 def evaluate_then_step(config, trainer_class, micro_batches, indices) -> dict:
@@ -105,7 +90,7 @@ def _worker(rank, overrides, port, batches_file, out_dir):
     assert not config["single_spec"] and torch.distributed.get_backend() == "gloo"
     micro_batches = torch.load(batches_file, weights_only=False)  # written by the test itself
     indices = [rank, rank + 2]  # two accumulated micro-batches per rank (no_sync on the first)
-    out = evaluate_then_step(config, distributed.distributed_trainer(LLMTrainer), [micro_batches[i] for i in indices], indices)
+    out = evaluate_then_step(config, distributed.distributed_trainer(iLoRATrainer), [micro_batches[i] for i in indices], indices)
     torch.save(out, Path(out_dir) / f"rank{rank}.pth")
     torch.distributed.destroy_process_group()
 
@@ -131,7 +116,7 @@ def test_two_processes_match_one_process(overrides, tmp_path):
     loader = iter(train)
     micro_batches = [next(loader) for _ in range(4)]
     torch.save(micro_batches, tmp_path / "batches.pth")
-    single = evaluate_then_step(config, LLMTrainer, micro_batches, [0, 1, 2, 3])
+    single = evaluate_then_step(config, iLoRATrainer, micro_batches, [0, 1, 2, 3])
 
     # Two processes (gloo), 2 accumulation steps each: rank r gets micro-batches r and r + 2;
     # fixed_eval_negatives is on by default with several processes.

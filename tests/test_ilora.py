@@ -15,9 +15,8 @@ from recbole_ilora.model.ilora import iLoRA
 from recbole_ilora.model.llara import LLaRA
 from recbole_ilora.prompt import BEHAVIOUR
 from recbole_ilora.quick_start import run_recbole_ilora
-from recbole_ilora.trainer import LLMTrainer
-
-from conftest import TINY_LLM  # noqa: E402 - pytest puts tests/ on sys.path
+from recbole_ilora.trainer import iLoRATrainer
+from tests.helpers import TINY_LLM, first_batch, randomize_lora_b
 
 TINY = {**TINY_LLM, "epochs": 1, "lora_dropout": 0.0}
 
@@ -37,19 +36,6 @@ def make_model(setup, model_class=iLoRA, **changes):
     config = Config(model=model_class.__name__, dataset="ml-100k-slice", config_dict={**overrides, **changes})
     init_seed(config["seed"], True)
     return model_class(config, train._dataset), config
-
-
-def first_batch(loader):
-    batch = next(iter(loader))
-    return batch[0] if isinstance(batch, tuple) else batch
-
-
-def randomize_lora_b(model, seed=0):
-    """peft initialises B to zero (so LoRA starts as a no-op); give it values to make tests bite."""
-    generator = torch.Generator().manual_seed(seed)
-    for name, parameter in model.named_parameters():
-        if "lora_B" in name:
-            parameter.data = torch.randn(parameter.shape, generator=generator) * 0.5
 
 
 # ------------------------------------------------------------------------------------ the mixture
@@ -101,7 +87,7 @@ def test_rank_not_divisible_by_experts_is_a_clear_error(setup):
 def test_gate_weights_sum_to_one_and_differ_across_users(setup):
     model, _ = make_model(setup)
     interaction = first_batch(setup[2])
-    weights = model.gate_weights(model._encode_users(interaction))
+    weights = model.expert_weights(model.sequence_representation(interaction))
     assert weights.shape == (len(interaction), 4)
     torch.testing.assert_close(weights.sum(1), torch.ones(len(interaction)))
     assert (weights.max(0).values - weights.min(0).values).max() > 1e-4
@@ -224,7 +210,7 @@ def test_overfitting_one_batch_ranks_the_true_title_first(setup):
 def test_checkpoint_save_load_gives_identical_scores(setup, tmp_path):
     model, config = make_model(setup)
     randomize_lora_b(model)
-    trainer = LLMTrainer(config, model)
+    trainer = iLoRATrainer(config, model)
     trainer.scheduler = trainer._build_scheduler(10)
     trainer._save_checkpoint(0, verbose=False, saved_model_file=str(tmp_path / "ckpt.pth"))
     model.eval()

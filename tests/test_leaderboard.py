@@ -32,11 +32,18 @@ from recbole_ilora.leaderboard import (
     run_leaderboard,
 )
 from recbole_ilora.leaderboard import grid as grid_module
-from recbole_ilora.leaderboard.significance import POOL_CONCAT, POOL_MEAN, significance_marker
-from recbole_ilora.leaderboard.tables import numeric_means, parse_markdown_means, to_markdown
+from recbole_ilora.leaderboard.significance import (
+    POOL_CONCAT,
+    POOL_MEAN,
+    significance_marker,
+)
+from recbole_ilora.leaderboard.tables import (
+    numeric_means,
+    parse_markdown_means,
+    to_markdown,
+)
 from recbole_ilora.quick_start import run_recbole_ilora
-
-from conftest import TINY_LLM  # noqa: E402 - pytest puts tests/ on sys.path
+from tests.helpers import TINY_LLM
 
 FAST = {"epochs": 1, "train_batch_size": 256, "eval_batch_size": 256}
 # The plugin models on a tiny random Llama, a tiny gate encoder and two training batches: they only have to run.

@@ -88,8 +88,9 @@ def test_summary_and_names(converted):
 @needs_lastfm
 def test_recbole_loads_the_benchmark_split(converted):
     """RecBole's benchmark_filename mode gives exactly the authors' three splits, in one item id space."""
-    import recbole_ilora  # noqa: F401
     from recbole.data import create_dataset
+
+    import recbole_ilora  # noqa: F401
     from recbole_ilora.config import Config
 
     folder, _ = converted

@@ -16,10 +16,10 @@ import uuid
 from pathlib import Path
 
 from recbole_ilora.leaderboard.grid import (
+    RESULTS_FILE_NAME,
     Cell,
     GridRun,
     GridSpec,
-    RESULTS_FILE_NAME,
     GridSpecError,
     ResultsStore,
     config_hash,
@@ -27,7 +27,11 @@ from recbole_ilora.leaderboard.grid import (
     run_grid,
 )
 from recbole_ilora.leaderboard.significance import paired_test, pool_pairs
-from recbole_ilora.leaderboard.tables import Leaderboard, build_leaderboard, export_tables
+from recbole_ilora.leaderboard.tables import (
+    Leaderboard,
+    build_leaderboard,
+    export_tables,
+)
 
 
 def export_leaderboard(

@@ -23,7 +23,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from recbole_ilora.leaderboard.grid import GridSpec, metric_key, metric_label, select_records
+from recbole_ilora.leaderboard.grid import (
+    GridSpec,
+    metric_key,
+    metric_label,
+    select_records,
+)
 from recbole_ilora.leaderboard.significance import paired_test, pool_pairs
 
 PROPOSED_MODEL = "iLoRA"

@@ -47,7 +47,13 @@ from recbole_ilora.data import item_titles
 from recbole_ilora.expert_lora import ExpertGateState, attach_expert_gate
 from recbole_ilora.gate_encoder import gate_encoder_checkpoint, load_gate_encoder
 from recbole_ilora.llm import load_llm
-from recbole_ilora.prompt import ANSWER, BEHAVIOUR, PromptBuilder, Prompts, load_templates
+from recbole_ilora.prompt import (
+    ANSWER,
+    BEHAVIOUR,
+    PromptBuilder,
+    Prompts,
+    load_templates,
+)
 
 
 def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -223,11 +229,11 @@ class iLoRA(SequentialRecommender):
         return history, present
 
     @torch.no_grad()
-    def _encode_users(self, interaction) -> torch.Tensor:
+    def sequence_representation(self, interaction) -> torch.Tensor:
         """The frozen SASRec's representation ``z`` of each user's whole sequence."""
         return self.gate_encoder(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
 
-    def gate_weights(self, user_repr: torch.Tensor) -> torch.Tensor:
+    def expert_weights(self, user_repr: torch.Tensor) -> torch.Tensor:
         return torch.softmax(self.gate(user_repr.float()) / self.gate_temperature, dim=-1)
 
     def _input_embeddings(self, prompts: Prompts) -> torch.Tensor:
@@ -246,7 +252,7 @@ class iLoRA(SequentialRecommender):
     def _gated(self, user_repr: torch.Tensor | None):
         """Run the LLM with this batch's gate weights (and autocast on GPU)."""
         if self.gate_state is not None:
-            self.gate_state.set(self.gate_weights(user_repr))
+            self.gate_state.set(self.expert_weights(user_repr))
         autocast = (
             torch.autocast(device_type="cuda", dtype=self.autocast_dtype) if self.autocast_dtype else nullcontext()
         )
@@ -258,7 +264,7 @@ class iLoRA(SequentialRecommender):
                 self.gate_state.clear()
 
     def _user_repr(self, interaction) -> torch.Tensor | None:
-        return self._encode_users(interaction) if self.use_gate else None
+        return self.sequence_representation(interaction) if self.use_gate else None
 
     # -------------------------------------------------------------------------------------- training
     def _training_candidates(self, target: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
