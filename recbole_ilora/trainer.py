@@ -42,16 +42,7 @@ class iLoRATrainer(Trainer):
     # ------------------------------------------------------------------------------- optimisation
     def _parameter_groups(self) -> list[dict]:
         lr, decay = self.config["learning_rate"], self.config["weight_decay"]
-        groups = {"lora": [], "gate": [], "projector": []}
-        for name, parameter in self.model.named_parameters():
-            if not parameter.requires_grad:
-                continue
-            if name.startswith("gate."):
-                groups["gate"].append(parameter)
-            elif name.startswith("projector."):
-                groups["projector"].append(parameter)
-            else:
-                groups["lora"].append(parameter)
+        groups = self.model.parameter_groups()
         # The authors: weight decay on projector and gate only; the gate learns at 0.3x the base rate.
         settings = {
             "lora": {"lr": lr, "weight_decay": 0.0},

@@ -182,6 +182,15 @@ class iLoRA(SequentialRecommender):
             self.gate_state.weights = gate_weights
         return self.decoder(**inputs)
 
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Trainable parameters by role, for per-group learning rates and weight decay: lora, gate, projector."""
+        groups = {"lora": [], "gate": [], "projector": []}
+        for name, parameter in self.named_parameters():
+            if parameter.requires_grad:
+                role = name.split(".", 1)[0]
+                groups[role if role in ("gate", "projector") else "lora"].append(parameter)
+        return groups
+
     def trainable_state_dict(self) -> dict:
         """Only what training changes: LoRA experts, gate, projector (the frozen LLM is not saved)."""
         return {name: p.detach().cpu() for name, p in self.named_parameters() if p.requires_grad}
