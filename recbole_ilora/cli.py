@@ -23,8 +23,10 @@ Several processes (DDP: gloo on CPU, nccl on GPU; train_batch_size stays the glo
 Any other RecBole setting is given as --key=value, e.g.
   run_recbole_ilora.py --model=SASRec --dataset=ml-100k --epochs=5 --train_batch_size=512
   run_recbole_ilora.py --model=SASRec --dataset=ml-100k --eval_args="{'mode': 'full'}"
-Settings are merged over RecBole's defaults, then properties/overall.yaml, properties/dataset/<dataset>.yaml,
-properties/model/<model>.yaml, then --config_files, then these overrides.
+Settings are merged over RecBole's defaults, then properties/overall.yaml, properties/model/<model>.yaml,
+properties/dataset/<dataset>.yaml, then --config_files, then these overrides; a partial dict setting
+(--eval_args="{'mode': 'full'}") merges into the defaults. Outputs go under --output_root (default outputs/).
+Resume an interrupted LLM run from its checkpoint: --resume=PATH (the path is printed when it stops).
 """
 
 
@@ -100,6 +102,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         parser.error(str(error))
 
     import recbole_ilora  # noqa: F401 - applies the compatibility fixes before RecBole is used
+    from recbole_ilora.config import ConfigError
+    from recbole_ilora.data import DatasetError
     from recbole_ilora.quick_start import run_recbole_ilora
 
     config_files = args.config_files.strip().split(" ") if args.config_files else None
@@ -139,10 +143,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
         overrides.update(distributed.torchrun_settings())
     elif distributed.wants_spawn(launch):
         return distributed.spawn(args.model, args.dataset, config_files, overrides, saved=not args.no_save, **launch)
-    return run_recbole_ilora(
-        model=args.model,
-        dataset=args.dataset,
-        config_file_list=config_files,
-        config_dict=overrides,
-        saved=not args.no_save,
-    )
+    try:
+        return run_recbole_ilora(
+            model=args.model,
+            dataset=args.dataset,
+            config_file_list=config_files,
+            config_dict=overrides,
+            saved=not args.no_save,
+        )
+    except (ConfigError, DatasetError) as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")

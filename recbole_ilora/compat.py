@@ -1,8 +1,8 @@
 """Make RecBole 1.2.1 work on today's stack: numpy 2, pandas 3, torch >= 2.6, setuptools without
-``pkg_resources``; and undo one global side effect of importing it.
+``pkg_resources``; undo one global side effect of importing it; and root one output path it hard-codes.
 
-RecBole 1.2.1 (its latest release) predates all four; no release fixes them. Every fix lives in this
-module, is applied once when :mod:`recbole_ilora` is imported, and has a test in
+RecBole 1.2.1 (its latest release) predates all four; no release fixes them. Every change to RecBole's
+behaviour lives in this module, is applied once when :mod:`recbole_ilora` is imported, and has a test in
 ``tests/test_compat.py`` that fails without it. The fixes, by what breaks without them:
 
 1. **numpy 2 aliases** -- ``Config.compatibility_settings`` does ``np.float = np.float_`` and
@@ -22,12 +22,17 @@ module, is applied once when :mod:`recbole_ilora` is imported, and has a test in
 5. **global autograd anomaly detection** -- ``recbole/model/sequential_recommender/sine.py`` calls
    ``torch.autograd.set_detect_anomaly(True)`` at import, and importing *any* RecBole sequential model
    (SASRec included) imports it: every later backward pass in the process checks every op's output
-   for NaN with a GPU sync, making LLM training ~5x slower (measured: 21k isnan/any/item calls in 3
-   steps). We import RecBole's models once and switch it off again.
+   for NaN with a GPU sync, making LLM training several times slower (7x in our GPU benchmark; 21k
+   isnan/any/item calls in 3 steps). We import RecBole's models once and switch it off again.
 6. **ray / pkg_resources** -- ``recbole.quick_start`` imports ``ray.tune`` at module level, which
    fails on setuptools >= 81 (no ``pkg_resources``) and then on numpy 2 (``np.bool8``). Ray is only
    used for hyper-parameter search, so :mod:`recbole_ilora.quick_start` replaces RecBole's quick
    start and never imports it (nothing to patch here; the test checks we stay independent of it).
+
+7. **TensorBoard beside the log** -- RecBole's ``get_tensorboard`` writes to ``./log_tensorboard``
+   relative to the working directory whatever folder the run logs to. Replaced by a version that
+   puts the events beside the run's log folder (``<root>/log/<model>/x.log`` -> ``<root>/log_tensorboard/x``;
+   the same place as RecBole's for its own ``./log``), so that ``output_root`` holds every output.
 
 Fixes 2-4 rewrite single expressions inside RecBole methods (``_patch_source``). Each rewrite
 asserts that the expression it replaces occurs exactly as often as in RecBole 1.2.1, so a different
@@ -150,7 +155,25 @@ def apply() -> None:
     import torch
 
     torch.autograd.set_detect_anomaly(False)
+    from recbole.trainer import trainer
+
+    _ORIGINALS[(trainer, "get_tensorboard")] = trainer.get_tensorboard
+    trainer.get_tensorboard = _tensorboard_beside_log
     _APPLIED = True
+
+
+def _tensorboard_beside_log(logger):
+    """RecBole's ``get_tensorboard``, with the events folder placed beside the run's log folder."""
+    # Imported here, not at the top: this module runs before anything imports RecBole (numpy aliases first).
+    from recbole.trainer import trainer
+    from torch.utils.tensorboard import SummaryWriter
+
+    from recbole_ilora.outputs import tensorboard_dir
+
+    for handler in logger.handlers:
+        if hasattr(handler, "baseFilename"):
+            return SummaryWriter(str(tensorboard_dir(handler.baseFilename)))
+    return _ORIGINALS[(trainer, "get_tensorboard")](logger)
 
 
 def original(owner: type, method_name: str):

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from recbole.utils import argument_list, init_seed
 
-from recbole_ilora.utils import NON_RESULT_KEYS, atomic_path, fingerprint
+from recbole_ilora.utils import NON_RESULT_KEYS, atomic_path, fingerprint, isolated_rng
 
 # Settings that define the data a gate encoder was trained on: RecBole's dataset arguments, the split
 # and the seed. Everything else of the LLM run (learning rate, batch size, epochs) is not passed on.
@@ -57,7 +57,9 @@ def gate_encoder_checkpoint(config) -> Path:
     if path.is_file():
         getLogger().info(f"Reusing the pretrained gate encoder {path}")
         return path
-    return _pretrain(config["dataset"], settings, path)
+    # Pretraining happens only on a cache miss: it must not shift the random draws of the run that follows.
+    with isolated_rng():
+        return _pretrain(config["dataset"], settings, path)
 
 
 def _pretrain(dataset_name: str, settings: dict, path: Path) -> Path:

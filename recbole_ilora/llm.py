@@ -147,3 +147,14 @@ def build_tiny_llama(corpus: Iterable[str], dtype: torch.dtype = torch.float32):
     )
     # The weights come from the global RNG, which RecBole's init_seed has set: runs are reproducible.
     return LlamaForCausalLM(config).to(dtype), tokenizer
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``llm_dtype`` setting -> torch dtype; ``auto`` is bf16 on GPU, fp32 on CPU."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtypes = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+              "fp32": torch.float32, "float32": torch.float32}
+    if name not in dtypes:
+        raise ValueError(f"llm_dtype must be auto or one of {sorted(dtypes)}, got {name!r}.")
+    return dtypes[name]

@@ -7,7 +7,6 @@ Replaces :mod:`recbole.quick_start`, which cannot be imported on the current sta
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import time
 from logging import getLogger
@@ -15,12 +14,16 @@ from logging import getLogger
 import torch
 from recbole.data import create_dataset, data_preparation
 from recbole.data.transform import construct_transform
-from recbole.utils import get_environment, get_flops, init_logger, init_seed, set_color
+from recbole.utils import get_environment, get_flops, init_seed, set_color
 
 from recbole_ilora import distributed
 from recbole_ilora.config import Config
+from recbole_ilora.data import check_atomic_files
 from recbole_ilora.evaluation import RecordingEvaluator, per_user_metrics
-from recbole_ilora.utils import get_trainer, is_plugin_model
+from recbole_ilora.outputs import init_logger, resolve_checkpoint_dir
+from recbole_ilora.utils import get_trainer, is_plugin_model, isolated_rng
+
+SLOW_RUN_WARNING_HOURS = 1.0
 
 
 def count_trainable_parameters(model: torch.nn.Module) -> int:
@@ -31,6 +34,13 @@ def _peak_memory_gib(device) -> float | None:
     if torch.device(device).type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return None
+
+
+def plain(result):
+    """RecBole's metric dicts hold numpy scalars (printed ``np.float64(0.07)`` under numpy 2): plain floats."""
+    if isinstance(result, dict):
+        return {key: plain(value) for key, value in result.items()}
+    return result.item() if hasattr(result, "item") and getattr(result, "ndim", 1) == 0 else result
 
 
 def run_recbole_ilora(
@@ -44,32 +54,27 @@ def run_recbole_ilora(
     """Train ``model`` on ``dataset`` and test it, as :func:`recbole.quick_start.run_recbole`.
 
     Returns RecBole's dict (``best_valid_score``, ``valid_score_bigger``, ``best_valid_result``,
-    ``test_result``) plus ``test_per_user`` (per-user metric vectors on the test set),
-    ``num_trainable_parameters``, ``train_time_s``, ``eval_time_s``, ``peak_memory_gib`` (None on CPU)
-    and ``device``.
+    ``test_result``, metrics as plain floats) plus ``test_per_user`` (per-user metric vectors on the test
+    set), ``num_trainable_parameters``, ``train_time_s``, ``eval_time_s``, ``peak_memory_gib`` (None on
+    CPU), ``device`` and ``log_file``.
     """
     config = Config(model=model, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict)
     init_seed(config["seed"], config["reproducibility"])
+    resolve_checkpoint_dir(config)
     handlers_before = set(logging.getLogger().handlers)
-    # RecBole's init_logger creates ./log/<model> with a check-then-mkdir that races between the processes
-    # of a distributed run on a fresh checkout (FileExistsError); creating it here first is race-free.
-    os.makedirs(os.path.join("log", config["model"]), exist_ok=True)
-    # Its Trainer does the same with checkpoint_dir (leaderboard shards start together on a fresh checkout).
-    os.makedirs(config["checkpoint_dir"], exist_ok=True)
-    init_logger(config)
+    log_file = init_logger(config)
     distributed.quiet_other_ranks()  # distributed: only rank 0 logs
     try:
-        return _train_and_test(config, saved, queue)
+        return {**_train_and_test(config, saved, queue), "log_file": str(log_file)}
     finally:
         _remove_run_handlers(handlers_before)
 
 
 def _train_and_test(config, saved, queue):
     logger = getLogger()
-    logger.info(sys.argv)
-    logger.info(config)
-
-    from recbole_ilora.data import check_atomic_files
+    logger.debug(f"Command line: {sys.argv}")
+    logger.debug(config)
+    logger.info(set_color("Protocol", "blue") + f": {config.protocol()}")
 
     check_atomic_files(config)
     dataset = create_dataset(config)
@@ -82,12 +87,14 @@ def _train_and_test(config, saved, queue):
     # distributed: rank 0 builds first (pretrains and caches the gate encoder), the others then reuse it.
     with distributed.main_process_first():
         model = model_class(config, train_data._dataset).to(config["device"])
-    logger.info(model)
+    logger.debug(model)
     if not is_plugin_model(config["model"]):
         # thop profiling of an LLM forward is slow and meaningless for LoRA; keep it for baselines.
         transform = construct_transform(config)
         flops = get_flops(model, dataset, config["device"], logger, transform)
         logger.info(set_color("FLOPs", "blue") + f": {flops}")
+    elif torch.device(config["device"]).type == "cpu":
+        _warn_if_slow(model, train_data, config)
     num_trainable = count_trainable_parameters(model)
     logger.info(set_color("Trainable parameters", "blue") + f": {num_trainable:,}")
 
@@ -110,12 +117,13 @@ def _train_and_test(config, saved, queue):
     eval_time = time.perf_counter() - start
     test_per_user = per_user_metrics(config, trainer.evaluator.last_struct)
 
-    logger.info("The running environment of this training is as follows:\n" + get_environment(config).draw())
+    logger.debug("The running environment of this training is as follows:\n" + get_environment(config).draw())
+    best_valid_result, test_result = plain(best_valid_result), plain(test_result)
     logger.info(set_color("best valid ", "yellow") + f": {best_valid_result}")
     logger.info(set_color("test result", "yellow") + f": {test_result}")
 
     result = {
-        "best_valid_score": best_valid_score,
+        "best_valid_score": plain(best_valid_score),
         "valid_score_bigger": config["valid_metric_bigger"],
         "best_valid_result": best_valid_result,
         "test_result": test_result,
@@ -133,10 +141,30 @@ def _train_and_test(config, saved, queue):
     return result
 
 
+def _warn_if_slow(model, train_data, config) -> None:
+    """Say before training starts when an LLM run on a CPU would take more than an hour per epoch.
+
+    Times the forward pass of one training micro-batch (a backward pass costs about twice as much) and
+    scales it to the epoch; the draws it makes are undone, so the run itself is unchanged.
+    """
+    batches = min(len(train_data), config["limit_train_batches"] or len(train_data))
+    with isolated_rng(), torch.no_grad():
+        interaction = next(iter(train_data)).to(config["device"])
+        start = time.perf_counter()
+        model.calculate_loss(interaction)
+        step_seconds = 3 * (time.perf_counter() - start)
+    hours = step_seconds * batches / 3600
+    if hours > SLOW_RUN_WARNING_HOURS:
+        getLogger().warning(
+            f"Projected training time on this CPU: about {hours:.1f} h per epoch ({batches:,} batches x "
+            f"{step_seconds:.1f} s), {hours * config['epochs']:.0f} h for {config['epochs']} epochs. Train LLM "
+            f"models on a GPU, or try the pipeline with --config_files=properties/cpu-demo.yaml."
+        )
+
+
 def _remove_run_handlers(handlers_before: set) -> None:
-    # RecBole's init_logger configures the root logger with logging.basicConfig, a no-op once handlers
-    # exist; removing this run's handlers lets the next run in the same process (tests, leaderboards)
-    # log to its own file instead of the first run's.
+    # The run's log handlers go again, so that the next run in the same process (tests, leaderboards)
+    # logs to its own file instead of the first run's.
     root = logging.getLogger()
     for handler in list(root.handlers):
         if handler not in handlers_before:

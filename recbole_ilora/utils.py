@@ -10,6 +10,7 @@ import hashlib
 import importlib
 import json
 import os
+import random
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -68,6 +69,20 @@ def properties_dir() -> Path:
     )
 
 
+def resolve_properties_path(path: str | os.PathLike) -> Path:
+    """``path`` as given if it exists; else, for ``properties/...``, the file shipped with the plugin.
+
+    So that the README's ``--config_files=properties/cpu-demo.yaml`` also works from any directory once
+    the plugin is installed from a wheel.
+    """
+    path = Path(path)
+    if not path.exists() and path.parts[:1] == ("properties",):
+        shipped = properties_dir().joinpath(*path.parts[1:])
+        if shipped.exists():
+            return shipped
+    return path
+
+
 # ---------------------------------------------------------------------------------------- fingerprints
 def fingerprint(value, length: int = 12) -> str:
     """A short, stable hex digest of a JSON-serialisable value (key order does not matter)."""
@@ -112,3 +127,26 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(partial, ignore_errors=True)
         elif partial.exists():
             partial.unlink()
+
+
+# ------------------------------------------------------------------------------------------------- RNG
+@contextmanager
+def isolated_rng() -> Iterator[None]:
+    """Run a block without changing the global random streams (python, numpy, torch CPU and CUDA).
+
+    For work whose RNG use depends on a cache (pretraining the gate encoder happens only when it is not
+    cached yet): the run's later draws are then the same, cached or not.
+    """
+    import numpy as np
+    import torch
+
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)

@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import pytest
 
-from tests.helpers import SLICE_SETTINGS, write_ml100k_slice
+from recbole.data import create_dataset, data_preparation
+from recbole.utils import init_seed
+
+from recbole_ilora.config import Config
+from tests.helpers import SLICE_NAME, SLICE_SETTINGS, TINY_LLM, write_ml100k_slice
 
 
 @pytest.fixture(scope="session")
@@ -22,3 +26,17 @@ def ml100k_slice(tmp_path_factory) -> dict:
 def run_dirs(tmp_path) -> dict:
     """Keep checkpoints and logs of a test run inside its tmp folder."""
     return {"checkpoint_dir": str(tmp_path / "saved")}
+
+
+@pytest.fixture(scope="session")
+def tiny_setup(ml100k_slice, tmp_path_factory):
+    """iLoRA settings on the tiny LLM, its config and the slice's dataloaders (train, valid, test).
+
+    The gate encoder is pretrained once here (cached in the session's checkpoint folder) and reused.
+    """
+    overrides = {**ml100k_slice, **TINY_LLM, "epochs": 1, "lora_dropout": 0.0,
+                 "checkpoint_dir": str(tmp_path_factory.mktemp("saved"))}
+    config = Config(model="iLoRA", dataset=SLICE_NAME, config_dict=overrides)
+    init_seed(config["seed"], True)
+    train, valid, test = data_preparation(config, create_dataset(config))
+    return overrides, config, train, valid, test

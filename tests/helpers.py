@@ -52,6 +52,18 @@ def write_ml100k_slice(root: Path, num_users: int = 40, max_items_per_user: int 
     return root
 
 
+def make_tiny_model(setup, model_name="iLoRA", **changes):
+    """A plugin model on the tiny LLM from the ``tiny_setup`` fixture's settings, seeded as quick_start does."""
+    from recbole.utils import init_seed
+
+    from recbole_ilora.config import Config
+
+    overrides, _, train, _, _ = setup
+    config = Config(model=model_name, dataset=SLICE_NAME, config_dict={**overrides, **changes})
+    init_seed(config["seed"], True)
+    return config.model_class(config, train._dataset), config
+
+
 def first_batch(loader):
     batch = next(iter(loader))
     return batch[0] if isinstance(batch, tuple) else batch

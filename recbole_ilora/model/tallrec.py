@@ -6,12 +6,11 @@ Reference:
     Recommendation." RecSys 2023. arXiv:2305.00447.
 
 As in the LLaRA/iLoRA papers' comparison: titles only (no behavioural tokens, no SASRec), one LoRA,
-the same prompts, candidates and scoring as :class:`iLoRA`.
+the same prompts, candidates and scoring as :class:`iLoRA` (``properties/model/TALLRec.yaml``).
 """
 
 from recbole_ilora.model.ilora import iLoRA
 
 
 class TALLRec(iLoRA):
-    default_num_experts = 1
-    default_use_behaviour_tokens = False
+    pass

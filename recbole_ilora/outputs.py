@@ -1,0 +1,75 @@
+"""Where a run writes: every output under one root, ``output_root`` (default ``outputs``).
+
+- ``<output_root>/log/<model>/<model>-<dataset>-<time>-<hash>.log``: the run's log. The console shows
+  the protocol, data statistics, progress and results at RecBole's ``state`` level; the file also gets
+  the DEBUG details (the full configuration, the model printout, the environment).
+- ``<output_root>/log_tensorboard/<log file name>/``: RecBole's TensorBoard events, beside the log.
+- ``<output_root>/saved/``: checkpoints (``checkpoint_dir``, relative to the root unless absolute),
+  including the cached gate encoders.
+- ``<output_root>/results/``: leaderboard results and exports.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import colorlog
+from recbole.utils import get_local_time
+from recbole.utils.logger import RemoveColorFilter, log_colors_config
+
+from recbole_ilora.utils import fingerprint
+
+LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR,
+          "critical": logging.CRITICAL}
+
+
+def output_root(config) -> Path:
+    return Path(config["output_root"] or ".")
+
+
+def resolve_checkpoint_dir(config) -> Path:
+    """``checkpoint_dir`` under ``output_root`` (an absolute ``checkpoint_dir`` is kept); written back into ``config``."""
+    path = Path(config["checkpoint_dir"])
+    if not path.is_absolute():
+        path = output_root(config) / path
+    config["checkpoint_dir"] = str(path)
+    # RecBole's Trainer creates it with a check-then-mkdir that races between the processes of a
+    # distributed run or parallel leaderboard shards; creating it here first is race-free.
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def init_logger(config) -> Path:
+    """RecBole's ``init_logger`` rooted at ``output_root``: console at ``state`` level, file at DEBUG."""
+    folder = output_root(config) / "log" / config["model"]
+    folder.mkdir(parents=True, exist_ok=True)  # race-free (parallel processes on a fresh checkout)
+    digest = fingerprint("".join(str(value) for value in config.final_config_dict.values()), length=6)
+    path = folder / f"{config['model']}-{config['dataset']}-{get_local_time()}-{digest}.log"
+
+    file_handler = logging.FileHandler(path)
+    file_handler.setLevel(logging.DEBUG)
+    file_handler.setFormatter(logging.Formatter("%(asctime)-15s %(levelname)s  %(message)s", "%a %d %b %Y %H:%M:%S"))
+    file_handler.addFilter(RemoveColorFilter())
+    console = logging.StreamHandler()
+    console.setLevel(LEVELS.get(str(config["state"] or "info").lower(), logging.INFO))
+    console.setFormatter(colorlog.ColoredFormatter("%(log_color)s%(asctime)-15s %(levelname)s  %(message)s",
+                                                   "%d %b %H:%M", log_colors=log_colors_config))
+    file_handler.addFilter(_details_of_this_run)
+    root = logging.getLogger()
+    root.setLevel(logging.DEBUG)
+    root.addHandler(console)
+    root.addHandler(file_handler)
+    return path
+
+
+def _details_of_this_run(record: logging.LogRecord) -> bool:
+    # DEBUG records of RecBole and the plugin (which log through the root logger), not of every library.
+    return record.levelno >= logging.INFO or record.name == "root" or record.name.startswith("recbole")
+
+
+def tensorboard_dir(log_file: str | os.PathLike) -> Path:
+    """``<root>/log/<model>/<name>.log`` -> ``<root>/log_tensorboard/<name>`` (RecBole's layout, rooted)."""
+    log_file = Path(log_file)
+    return log_file.parent.parent.parent / "log_tensorboard" / log_file.name.split(".")[0]

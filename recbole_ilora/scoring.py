@@ -1,0 +1,168 @@
+"""Rank candidate items by the likelihood of their titles after a prompt: packed, one forward, exact.
+
+RecBole's uniN evaluation lists each user's candidates in consecutive rows (positive first);
+:func:`group_candidate_rows` turns them into one ``[G, M]`` candidate matrix per batch, and
+:func:`display_order` fixes the order the prompt lists them in.
+
+:class:`PackedScorer` appends all candidates of a prompt to it in one sequence: through the attention
+mask each candidate token sees the whole prompt and, causally, its own candidate only, and positions
+restart at the prompt length for every candidate. One forward pass then equals scoring each candidate
+after its own copy of the prompt, without copying the prompt; no KV cache is kept, so training and
+scoring run the same (compiled) decoder call.
+
+A candidate's score aggregates the log-probabilities of its answer tokens (``title + newline``),
+``score_aggregation``:
+
+- ``mean`` (default): length-normalised log-likelihood; titles of any length compete evenly;
+- ``sum``: the log-likelihood of the whole answer, the probability that the LLM writes exactly it;
+  shorter titles are favoured;
+- ``first``: the first answer token only (one step of generation);
+- ``d3``: the sum divided by the number of answer tokens the LLM was *not* sure of (probability below
+  ``ghost_token_threshold``). Tokens it predicts almost surely ("ghost tokens": the rest of a
+  well-known title, the closing newline) add ~0 to the sum but would inflate a plain mean's length
+  and so amplify such titles (Bao et al., "Decoding Matters: Addressing Amplification Bias and
+  Homogeneity Issue for Recommendations by LLMs", EMNLP 2024, arXiv:2406.14900).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+SCORE_AGGREGATIONS = ("mean", "sum", "first", "d3")
+
+
+@dataclass
+class CandidateGroups:
+    """RecBole's uniN rows grouped per user: ``items[row_group, row_slot]`` is each row's item."""
+
+    row_group: torch.Tensor  # [N] group of every row
+    row_slot: torch.Tensor  # [N] position of the row inside its group
+    first_row: torch.Tensor  # [G] one representative row per group
+    items: torch.Tensor  # [G, M] candidates of each group (0-padded)
+    present: torch.Tensor  # [G, M] which slots hold a candidate
+
+
+def group_candidate_rows(users: torch.Tensor, item_seq: torch.Tensor, items: torch.Tensor) -> CandidateGroups:
+    """Group consecutive rows of the same user and history (one host sync for the group count and width)."""
+    starts = torch.ones_like(users, dtype=torch.bool)
+    starts[1:] = (users[1:] != users[:-1]) | (item_seq[1:] != item_seq[:-1]).any(1)
+    group = torch.cumsum(starts.long(), 0) - 1
+    first_row = torch.nonzero(starts).squeeze(1)
+    slot = torch.arange(users.shape[0], device=users.device) - first_row[group]
+    groups, width = (torch.stack([group[-1], slot.max()]) + 1).tolist()
+    matrix = torch.zeros(groups, width, dtype=torch.long, device=users.device)
+    present = torch.zeros(groups, width, dtype=torch.bool, device=users.device)
+    matrix[group, slot] = items
+    present[group, slot] = True
+    return CandidateGroups(group, slot, first_row, matrix, present)
+
+
+def display_order(users: torch.Tensor, items: torch.Tensor, present: torch.Tensor, seed: int) -> torch.Tensor:
+    """Order in which a prompt lists its candidates: a fixed pseudo-random shuffle keyed on (user, item, seed).
+
+    Never positive-first (RecBole's row order), and independent of the row order, so scores do not depend
+    on how the evaluator arranged the rows.
+    """
+    key = (items * 2654435761 + users[:, None] * 40503 + seed * 97) % 2147483647
+    key = torch.where(present, key, torch.iinfo(torch.long).max)
+    return torch.argsort(key, dim=1)
+
+
+class PackedScorer:
+    """Scores ``[G, M]`` candidate items after ``G`` prompts (see the module docstring).
+
+    ``lm``: the :class:`~recbole_ilora.expert_lora.ExpertLoraModel`; ``prompt``: the
+    :class:`~recbole_ilora.prompt.PromptBuilder` (answer tokens of every item); ``pack_tokens``: about
+    how many candidate tokens follow one copy of the prompt. uniN candidates fit in one pack, so each
+    prompt is encoded once; a full ranking re-encodes the prompt once per pack, and attention inside a
+    pack is dense (block-diagonal by mask): a thousand or so tokens keep both costs small while the
+    batch of prompts keeps the matrix products large.
+    """
+
+    def __init__(self, lm, prompt, pack_tokens: int = 1024, aggregation: str = "mean", ghost_token_threshold: float = 0.9):
+        if aggregation not in SCORE_AGGREGATIONS:
+            raise ValueError(f"score_aggregation must be one of {SCORE_AGGREGATIONS}, got {aggregation!r}.")
+        if not 0 < ghost_token_threshold < 1:
+            raise ValueError(f"ghost_token_threshold must lie in (0, 1), got {ghost_token_threshold!r}.")
+        self.lm, self.prompt = lm, prompt
+        self.pack_tokens = pack_tokens
+        self.aggregation = aggregation
+        self.log_ghost_threshold = math.log(ghost_token_threshold)
+
+    def __call__(self, prompts, input_embeds, gate_input, items: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        groups, slots = items.shape
+        per_item = int(self.prompt.title_len[items].max()) + self.prompt.answer_end_ids.numel()
+        chunk = max(1, self.pack_tokens // per_item)
+        ids, valid = self.prompt.answer_tokens(items.reshape(-1))
+        ids, valid = ids.view(groups, slots, -1), valid.view(groups, slots, -1) & present[..., None]
+        # Width and token count of every pack in one host sync, not two per pack.
+        chunk_tokens = F.pad(valid.sum(2), (0, -slots % chunk)).view(groups, -1, chunk).sum(2)
+        widths, totals = torch.stack([chunk_tokens.amax(0), chunk_tokens.sum(0)]).tolist()
+        scores = [
+            self._score_pack(prompts, input_embeds, gate_input, ids[:, start : start + chunk],
+                             valid[:, start : start + chunk], width, total)
+            for width, total, start in zip(widths, totals, range(0, slots, chunk))
+        ]
+        return torch.cat(scores, 1).float()
+
+    def _score_pack(self, prompts, input_embeds, gate_input, ids, valid, width: int, num_valid: int):
+        """Scores of ``[G, m]`` candidates packed after their prompt into one sequence of ``width`` more tokens.
+
+        ``width`` (the most valid candidate tokens of any prompt) and ``num_valid`` (all prompts') are known
+        to the caller, so this never waits for the device.
+        """
+        groups, slots, tokens_per_item = ids.shape
+        device = ids.device
+        ids, valid = ids.reshape(groups, -1), valid.reshape(groups, -1)
+        segment = torch.arange(slots, device=device).repeat_interleave(tokens_per_item).expand(groups, -1)
+        offset = torch.arange(tokens_per_item, device=device).repeat(slots).expand(groups, -1)
+
+        # Compact each row: valid tokens first, in order.
+        counts = valid.sum(1)
+        order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)[:, :width]
+        ids, valid = torch.gather(ids, 1, order), torch.gather(valid, 1, order)
+        segment = torch.where(valid, torch.gather(segment, 1, order), -1)
+        offset = torch.gather(offset, 1, order)
+
+        # Prompt tokens attend causally to the prompt; candidate tokens to the whole prompt and, causally,
+        # to their own candidate only.
+        prompt_mask = prompts.attention_mask
+        prompt_width = prompt_mask.shape[1]
+        causal = torch.ones(prompt_width + width, prompt_width + width, dtype=torch.bool, device=device).tril()
+        own = (segment[:, :, None] == segment[:, None, :]) & valid[:, None, :]
+        keys_valid = torch.cat([prompt_mask, valid], 1)
+        mask = causal & keys_valid[:, None, :]
+        mask[:, prompt_width:, prompt_width:] &= own
+        positions = torch.cat([torch.arange(prompt_width, device=device).expand(groups, -1),
+                               prompts.lengths[:, None] + offset], 1)
+        embeds = torch.cat([input_embeds, self.lm.embed_tokens(ids).to(input_embeds.dtype)], 1)
+        hidden = self.lm(gate_input, inputs_embeds=embeds, attention_mask=mask[:, None], position_ids=positions,
+                         use_cache=False).last_hidden_state
+        last_prompt = hidden[torch.arange(groups, device=device), prompts.lengths - 1]
+        hidden = hidden[:, prompt_width:]
+        # Token j of a candidate is predicted from the hidden state before it: the prompt's last for j=0.
+        previous = torch.cat([last_prompt[:, None], hidden[:, :-1]], 1)
+        previous = torch.where((offset == 0)[..., None], last_prompt[:, None].expand_as(hidden), previous)
+        # (row, column) of every valid token -- the first counts[g] of row g -- like valid.nonzero(), which
+        # would wait for the device to learn their number.
+        rows = torch.repeat_interleave(torch.arange(groups, device=device), counts, output_size=num_valid)
+        cols = torch.arange(num_valid, device=device) - (torch.cumsum(counts, 0) - counts)[rows]
+        log_probs = -F.cross_entropy(self.lm.lm_head(previous[rows, cols]).float(), ids[rows, cols], reduction="none")
+        slot_of_token = rows * slots + segment[rows, cols]
+        return self._aggregate(log_probs, slot_of_token, offset[rows, cols], groups * slots).view(groups, slots)
+
+    def _aggregate(self, log_probs, slot_of_token, offset, num_slots: int) -> torch.Tensor:
+        def per_slot(values):
+            return torch.zeros(num_slots, device=log_probs.device).index_add_(0, slot_of_token, values)
+
+        if self.aggregation == "first":
+            return per_slot(torch.where(offset == 0, log_probs, 0.0))
+        total = per_slot(log_probs)
+        if self.aggregation == "sum":
+            return total
+        counted = log_probs <= self.log_ghost_threshold if self.aggregation == "d3" else torch.ones_like(log_probs, dtype=torch.bool)
+        return total / per_slot(counted.float()).clamp(min=1)
