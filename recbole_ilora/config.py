@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from recbole.config import Config as RecBoleConfig
 
+from recbole_ilora.distributed.process_group import init_distributed_device
 from recbole_ilora.utils import get_model, properties_dir
 
 
@@ -53,6 +54,4 @@ class Config(RecBoleConfig):
         # also runs gloo on CPU. Without it (one process) RecBole's is used unchanged.
         if "local_rank" not in self.final_config_dict:
             return super()._init_device()
-        from recbole_ilora.distributed import init_distributed_device
-
         init_distributed_device(self.final_config_dict)
