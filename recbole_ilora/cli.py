@@ -104,7 +104,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
     import recbole_ilora  # noqa: F401 - applies the compatibility fixes before RecBole is used
     from recbole_ilora.config import ConfigError
     from recbole_ilora.data import DatasetError
-    from recbole_ilora.quick_start import run_recbole_ilora
 
     config_files = args.config_files.strip().split(" ") if args.config_files else None
     if args.jobs is not None:
@@ -136,20 +135,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if args.results is not None or args.export_only or args.shard is not None or args.jobs is not None:
         parser.error("--results, --export_only, --shard and --jobs only apply with --leaderboard GRID.yaml.")
     # distributed: --nproc=N (mp.spawn, RecBole's settings nproc/world_size/ip/port/group_offset) or torchrun.
-    from recbole_ilora import distributed
+    from recbole_ilora.distributed.launch import run_from_command_line
 
-    launch = distributed.pop_launch_settings(overrides)
-    if distributed.torchrun_settings():
-        overrides.update(distributed.torchrun_settings())
-    elif distributed.wants_spawn(launch):
-        return distributed.spawn(args.model, args.dataset, config_files, overrides, saved=not args.no_save, **launch)
     try:
-        return run_recbole_ilora(
-            model=args.model,
-            dataset=args.dataset,
-            config_file_list=config_files,
-            config_dict=overrides,
-            saved=not args.no_save,
-        )
+        return run_from_command_line(args.model, args.dataset, config_files, overrides, saved=not args.no_save)
     except (ConfigError, DatasetError) as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")

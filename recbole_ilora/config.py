@@ -28,6 +28,7 @@ import yaml
 from recbole.config import Config as RecBoleConfig
 from recbole.utils import argument_list
 
+from recbole_ilora.distributed.process_group import init_distributed_device
 from recbole_ilora.utils import get_model, properties_dir, resolve_properties_path
 
 # Settings set by launchers and the runtime rather than by defaults files.
@@ -163,8 +164,6 @@ class Config(RecBoleConfig):
         # also runs gloo on CPU. Without it (one process) RecBole's is used unchanged.
         if "local_rank" not in self.final_config_dict:
             return super()._init_device()
-        from recbole_ilora.distributed import init_distributed_device
-
         init_distributed_device(self.final_config_dict)
 
     def protocol(self) -> str:

@@ -19,8 +19,9 @@ from recbole.utils import get_environment, get_flops, init_seed, set_color
 from recbole_ilora import distributed
 from recbole_ilora.config import Config
 from recbole_ilora.data import check_atomic_files
-from recbole_ilora.evaluation import RecordingEvaluator, per_user_metrics
+from recbole_ilora.evaluation import RecordingEvaluator, per_user_metrics, prepare_eval_loaders
 from recbole_ilora.outputs import init_logger, resolve_checkpoint_dir
+from recbole_ilora.trainer import resume_training
 from recbole_ilora.utils import get_trainer, is_plugin_model, isolated_rng
 
 SLOW_RUN_WARNING_HOURS = 1.0
@@ -80,7 +81,7 @@ def _train_and_test(config, saved, queue):
     dataset = create_dataset(config)
     logger.info(dataset)
     train_data, valid_data, test_data = data_preparation(config, dataset)
-    distributed.prepare_eval_loaders(config, valid_data, test_data)  # fixed_eval_negatives; unpadded shards
+    prepare_eval_loaders(config, valid_data, test_data)  # fixed_eval_negatives: candidates per (seed, phase, user)
 
     init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
     model_class = config.model_class
@@ -106,6 +107,8 @@ def _train_and_test(config, saved, queue):
     if torch.device(config["device"]).type == "cuda":
         torch.cuda.reset_peak_memory_stats(config["device"])
 
+    if config["resume"]:
+        resume_training(trainer, config["resume"])  # exact resume of an interrupted run (plugin models)
     start = time.perf_counter()
     best_valid_score, best_valid_result = trainer.fit(
         train_data, valid_data, saved=saved, show_progress=distributed.show_progress(config)

@@ -1,34 +1,119 @@
 """Trainers of the plugin models (resolved by ``recbole_ilora.utils.get_trainer``).
 
-:class:`iLoRATrainer` (also LLaRA's and TALLRec's, found through the model's base class) is RecBole's ``Trainer`` -- its epoch loop, validation, early stopping, logging
-and evaluators are kept -- with what fine-tuning an LLM adapter needs: gradient accumulation, linear
-warm-up then cosine decay to ``min_lr_ratio × lr`` (transformers' scheduler; the authors' schedule),
-AdamW (fused on GPU) with per-group learning rates and weight decay, gradient clipping, mixed
-precision through the model's autocast, optional ``torch.compile``, and checkpoints holding only the
-trainable tensors (LoRA experts, gate, projector) plus config, optimizer and scheduler state -- a few
-MB instead of the frozen LLM. ``eval_generate`` adds the authors' generation protocol to evaluation.
+:class:`iLoRATrainer` (also LLaRA's and TALLRec's, found through the model's base class) is RecBole's
+``Trainer`` -- its epoch loop, validation, early stopping, logging and evaluators are kept -- with what
+fine-tuning an LLM adapter needs: gradient accumulation, linear warm-up then cosine decay to
+``min_lr_ratio × lr`` (transformers' scheduler; the authors' schedule), AdamW (fused on GPU) with
+per-group learning rates and weight decay, gradient clipping, mixed precision through the model's
+autocast, optional ``torch.compile``, and checkpoints holding only the trainable tensors (LoRA experts,
+gate, projector) plus config, optimizer and scheduler state -- a few MB instead of the frozen LLM.
+``eval_generate`` adds the authors' generation protocol to evaluation.
+
+Optimiser steps are counted in ``global_step`` (the curriculum's progress and the schedule);
+RecBole's ``cur_step`` keeps its meaning, validations without improvement (early stopping).
+
+Exact resume: every ``checkpoint_every_steps`` optimiser steps and at the end of each epoch's
+training, ``<saved_model_file>.resume`` is written atomically with the trainable tensors, optimizer,
+scheduler, step, epoch and batch position, early-stopping state, every random generator (python,
+numpy, torch, CUDA; per rank) and the train loader's generator as it was when the epoch began, from
+which the epoch's batch order is drawn again. :meth:`iLoRATrainer.resume_checkpoint` (``resume: PATH``)
+restores it all and skips the batches already done, so the resumed run ends exactly as the
+uninterrupted one. The first Ctrl-C during :meth:`~iLoRATrainer.fit` stops at the next optimiser step
+with a resume checkpoint and the command that continues the run (:class:`TrainingInterrupted`); a
+second one stops at once.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+import os
+import random
+import shlex
+import signal
+import sys
+import threading
+from contextlib import contextmanager
+from pathlib import Path
 
+import numpy as np
 import torch
 from recbole.trainer import Trainer
 from recbole.utils import set_color
 from tqdm.auto import tqdm
 
-from recbole_ilora import distributed
+from recbole_ilora.distributed import (
+    any_rank,
+    barrier,
+    gather_objects,
+    get_rank,
+    get_world_size,
+    gradient_sync,
+    mean_across_ranks,
+    set_sampler_epoch,
+    sum_across_ranks,
+    training_loss,
+)
+from recbole_ilora.evaluation import generation_metrics
+from recbole_ilora.utils import atomic_path
+
+RESUME_SUFFIX = ".resume"
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training stopped on Ctrl-C at an optimiser step boundary; ``resume_file`` continues it exactly.
+
+    A ``KeyboardInterrupt``: whoever handles Ctrl-C (the leaderboard) handles it.
+    """
+
+    def __init__(self, message: str, resume_file: str | None = None):
+        super().__init__(message)
+        self.resume_file = resume_file
+
+    def __reduce__(self):
+        return type(self), (self.args[0], self.resume_file)
+
+
+def rng_states() -> dict:
+    """This process's random generators: python, numpy, torch CPU and (when in use) CUDA."""
+    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict) -> None:
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def resume_command(resume_file: str) -> str:
+    """The command line that continues this run from ``resume_file``."""
+    argv = [arg for arg in sys.argv if not arg.startswith("--resume=")]
+    resume_file = os.path.abspath(resume_file)
+    if argv and Path(argv[0]).name == "run_recbole_ilora.py":
+        return shlex.join([sys.executable, *argv, f"--resume={resume_file}"])
+    return f"the same run with the setting resume={resume_file!r}"
 
 
 class iLoRATrainer(Trainer):
+    # Read by recbole_ilora.distributed.ddp: the model's calculate_loss is what DDP runs as forward.
+    ddp_forward_is_calculate_loss = True
+
     def __init__(self, config, model):
         self.accumulation_steps = max(1, int(config["gradient_accumulation_steps"]))
         super().__init__(config, model)
         self.scheduler = None
         self.total_steps = None
-        self._resumed_scheduler_state = None
+        self.global_step = 0  # optimiser steps; RecBole's cur_step counts validations without improvement
+        self.checkpoint_every_steps = int(config["checkpoint_every_steps"] or 0)
+        self._resume_state = None  # set by resume_checkpoint, consumed by fit and the first epoch
+        self._saving = False  # fit(saved=True) turns resume checkpoints on
+        self._stop_requested = False
+        self._epoch_loader_rng = None
         if self._should_compile(config):
             model.compile_llm()
 
@@ -38,6 +123,10 @@ class iLoRATrainer(Trainer):
         if setting == "auto":
             return torch.device(config["device"]).type == "cuda"
         return bool(setting)
+
+    @property
+    def resume_file(self) -> str:
+        return self.saved_model_file + RESUME_SUFFIX
 
     # ------------------------------------------------------------------------------- optimisation
     def _parameter_groups(self) -> list[dict]:
@@ -71,32 +160,53 @@ class iLoRATrainer(Trainer):
         )
 
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
+        batches_per_epoch = self._batches_per_epoch(train_data)
         if self.scheduler is None:
-            self.scheduler = self._build_scheduler(self._batches_per_epoch(train_data))
-            if self._resumed_scheduler_state is not None:
-                self.scheduler.load_state_dict(self._resumed_scheduler_state)
-        return super().fit(train_data, valid_data, verbose, saved, show_progress, callback_fn)
+            self.scheduler = self._build_scheduler(batches_per_epoch)
+        if self._resume_state is not None:
+            self._check_resume_fits(batches_per_epoch)
+            # After building the scheduler, which sets the learning rates of its step 0.
+            self.optimizer.load_state_dict(self._resume_state.pop("optimizer"))
+            self.scheduler.load_state_dict(self._resume_state["scheduler"])
+        self._saving = saved
+        with self._stop_on_interrupt():
+            result = super().fit(train_data, valid_data, verbose, saved, show_progress, callback_fn)
+        if saved and get_rank() == 0:
+            Path(self.resume_file).unlink(missing_ok=True)  # finished: nothing left to resume
+        return result
 
     def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
         self.model.train()
         num_batches = self._batches_per_epoch(train_data)
         if num_batches < len(train_data):
             self.logger.warning(f"limit_train_batches: training on {num_batches} of {len(train_data)} batches per epoch.")
-        batches = tqdm(itertools.islice(train_data, num_batches), total=num_batches, ncols=100, desc=set_color(f"Train {epoch_idx:>5}", "pink"),
+        resume, self._resume_state = self._resume_state, None
+        generator = getattr(train_data, "generator", None)  # RecBole's loaders draw their batch order from it
+        if resume is not None and generator is not None:
+            generator.set_state(resume["loader_rng"])
+        self._epoch_loader_rng = generator.get_state() if generator is not None else None
+        set_sampler_epoch(train_data, epoch_idx)  # distributed: a new shard order every epoch
+        done = resume["position"] if resume is not None else 0
+        total_loss = resume["loss_sum"] if resume is not None else 0.0
+        batches = iter(itertools.islice(train_data, num_batches))
+        for _ in itertools.islice(batches, done):
+            pass  # resuming: the batches done before the interruption are loaded again, not trained on
+        if resume is not None:
+            set_rng_states(resume["rng"][get_rank()])
+        self._step_boundary(epoch_idx, done, num_batches, total_loss, checkpoint_due=False)
+        batches = tqdm(batches, initial=done, total=num_batches, ncols=100, desc=set_color(f"Train {epoch_idx:>5}", "pink"),
                        disable=not show_progress)
         max_norm = self.config["max_grad_norm"]
-        total_loss = 0.0
-        distributed.set_sampler_epoch(train_data, epoch_idx)  # distributed: a new shard order every epoch
         self.optimizer.zero_grad(set_to_none=True)
-        for batch_idx, interaction in enumerate(batches):
+        for batch_idx, interaction in enumerate(batches, start=done):
             interaction = interaction.to(self.device)
-            self.model.training_progress = min(1.0, self.cur_step / self.total_steps)
+            self.model.training_progress = min(1.0, self.global_step / self.total_steps)
             last_batch = batch_idx + 1 == num_batches
             step_now = (batch_idx + 1) % self.accumulation_steps == 0 or last_batch
             # distributed: calculate_loss runs as DDP's forward; gradients are all-reduced on the
             # micro-batch that ends an accumulation window only (no_sync on the others).
-            with distributed.gradient_sync(self, step_now):
-                loss = distributed.training_loss(self, interaction)
+            with gradient_sync(self, step_now):
+                loss = training_loss(self, interaction)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(
                         f"Training loss is {loss.item()} at epoch {epoch_idx}, batch {batch_idx}: lower learning_rate "
@@ -110,10 +220,50 @@ class iLoRATrainer(Trainer):
                 self.optimizer.step()
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
-                self.cur_step += 1
+                self.global_step += 1
+                every = self.checkpoint_every_steps
+                due = last_batch or bool(every and self.global_step % every == 0)
+                self._step_boundary(epoch_idx, batch_idx + 1, num_batches, total_loss, checkpoint_due=due)
             if show_progress:
                 batches.set_postfix(loss=f"{loss.item():.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
-        return distributed.mean_across_ranks(total_loss / max(1, num_batches))  # distributed: all ranks' mean
+        return mean_across_ranks(total_loss / max(1, num_batches))  # distributed: all ranks' mean
+
+    # ---------------------------------------------------------------------------- interruption
+    @contextmanager
+    def _stop_on_interrupt(self):
+        """SIGINT during the block: the first asks for a stop at the next optimiser step, a second stops at once."""
+        self._stop_requested = False
+        if threading.current_thread() is not threading.main_thread():
+            yield  # signal handlers can only be set from the main thread
+            return
+
+        def request_stop(signum, frame):
+            if self._stop_requested:
+                signal.default_int_handler(signum, frame)
+            self._stop_requested = True
+            self.logger.warning("Interrupt: stopping after the current optimiser step with a resume checkpoint "
+                                "(interrupt again to stop at once, without one).")
+
+        previous = signal.signal(signal.SIGINT, request_stop)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+
+    def _step_boundary(self, epoch, position, num_batches, loss_sum, checkpoint_due: bool):
+        """After ``position`` batches of ``epoch``: write the resume checkpoint when due or asked to stop; stop."""
+        stop = any_rank(self._stop_requested)  # distributed: every rank stops at the same step
+        if checkpoint_due or stop:
+            self._save_resume_checkpoint(epoch, position, num_batches, loss_sum)
+        if not stop:
+            return
+        where = f"epoch {epoch}, batch {position} of {num_batches}, optimiser step {self.global_step}"
+        if not self._saving:
+            raise TrainingInterrupted(f"Training stopped at {where}; no resume checkpoint (checkpoints are off).")
+        barrier()  # rank 0 has written it before any rank leaves
+        message = f"Training stopped at {where}. Continue it exactly with:\n{resume_command(self.resume_file)}"
+        self.logger.warning(message)
+        raise TrainingInterrupted(message, os.path.abspath(self.resume_file))
 
     # -------------------------------------------------------------------------------- checkpoints
     def _save_checkpoint(self, epoch, verbose=True, **kwargs):
@@ -124,15 +274,49 @@ class iLoRATrainer(Trainer):
             "config": self.config,
             "epoch": epoch,
             "cur_step": self.cur_step,
+            "global_step": self.global_step,
             "best_valid_score": self.best_valid_score,
             "state_dict": self.model.trainable_state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "trainable_only": True,
         }
-        torch.save(state, saved_model_file, pickle_protocol=4)
+        with atomic_path(saved_model_file) as partial:  # a run killed while saving keeps its previous best
+            torch.save(state, partial, pickle_protocol=4)
         if verbose:
             self.logger.info(set_color("Saving current", "blue") + f": {saved_model_file}")
+
+    def _save_resume_checkpoint(self, epoch, position, num_batches, loss_sum):
+        """Write ``<saved_model_file>.resume``: all a run needs to continue exactly after ``position`` batches."""
+        if not self._saving:
+            return
+        rng = gather_objects(rng_states())  # every rank's generators, each rank resumes its own
+        if get_rank() != 0:
+            return
+        state = {
+            "kind": "resume",
+            "model": self.config["model"],
+            "dataset": self.config["dataset"],
+            "world_size": get_world_size(),
+            "epoch": epoch,
+            "position": position,
+            "batches_per_epoch": num_batches,
+            "total_steps": self.total_steps,
+            "global_step": self.global_step,
+            "loss_sum": loss_sum,
+            "train_loss_dict": dict(self.train_loss_dict),
+            "cur_step": self.cur_step,
+            "best_valid_score": self.best_valid_score,
+            "best_valid_result": self.best_valid_result,
+            "saved_model_file": os.path.abspath(self.saved_model_file),
+            "state_dict": self.model.trainable_state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": rng,
+            "loader_rng": self._epoch_loader_rng,
+        }
+        with atomic_path(self.resume_file) as partial:
+            torch.save(state, partial, pickle_protocol=4)
 
     @staticmethod
     def load_checkpoint(path: str) -> dict:
@@ -140,15 +324,53 @@ class iLoRATrainer(Trainer):
         return torch.load(path, map_location="cpu", weights_only=False)
 
     def resume_checkpoint(self, resume_file):
-        checkpoint = self.load_checkpoint(str(resume_file))
-        self.saved_model_file = str(resume_file)
-        self.model.load_trainable_state_dict(checkpoint["state_dict"])
-        self.optimizer.load_state_dict(checkpoint["optimizer"])
-        self.start_epoch = checkpoint["epoch"] + 1
+        """Continue the interrupted run that wrote ``resume_file`` (a ``.resume`` checkpoint) exactly.
+
+        :meth:`fit` then starts in the middle of the epoch where the checkpoint was written, with the
+        best-model checkpoint beside it and the early-stopping state of the interrupted run.
+        """
+        path = Path(resume_file)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"resume={path}: no such file. A run writes <saved_model_file>{RESUME_SUFFIX} next to its best-model "
+                f"checkpoint (in checkpoint_dir) and logs the command that resumes it when interrupted."
+            )
+        checkpoint = self.load_checkpoint(str(path))
+        if checkpoint.get("kind") != "resume":
+            raise ValueError(
+                f"resume={path} is a best-model checkpoint; exact resume needs the resume checkpoint written "
+                f"beside it: {path}{RESUME_SUFFIX}."
+            )
+        for key, here in (("model", self.config["model"]), ("dataset", self.config["dataset"]),
+                          ("world_size", get_world_size())):
+            if checkpoint[key] != here:
+                raise ValueError(f"resume={path} was written by a run with {key}={checkpoint[key]!r}; this run has "
+                                 f"{key}={here!r}. Resume with the settings of the interrupted run.")
+        self.model.load_trainable_state_dict(checkpoint.pop("state_dict"))
+        # The best-model checkpoint is the resume file's name without the suffix (still right if the folder moved).
+        beside = path.with_name(path.name[: -len(RESUME_SUFFIX)]) if path.name.endswith(RESUME_SUFFIX) else None
+        self.saved_model_file = str(beside) if beside is not None else checkpoint["saved_model_file"]
+        self.start_epoch = checkpoint["epoch"]
+        self.global_step = checkpoint["global_step"]
         self.cur_step = checkpoint["cur_step"]
         self.best_valid_score = checkpoint["best_valid_score"]
-        self._resumed_scheduler_state = checkpoint.get("scheduler")
-        self.logger.info(f"Resumed from {resume_file} at epoch {self.start_epoch}, step {self.cur_step}")
+        self.best_valid_result = checkpoint["best_valid_result"]
+        self.train_loss_dict = dict(checkpoint["train_loss_dict"])
+        self._resume_state = checkpoint
+        self.logger.info(
+            f"Resuming {path} at epoch {self.start_epoch}, batch {checkpoint['position']} of "
+            f"{checkpoint['batches_per_epoch']}, optimiser step {self.global_step}"
+        )
+
+    def _check_resume_fits(self, batches_per_epoch: int) -> None:
+        state = self._resume_state
+        if (state["batches_per_epoch"], state["total_steps"]) != (batches_per_epoch, self.total_steps):
+            raise ValueError(
+                f"The resume checkpoint was written by a run of {state['batches_per_epoch']} batches per epoch and "
+                f"{state['total_steps']} optimiser steps in all; this run has {batches_per_epoch} and "
+                f"{self.total_steps}. Resume with the interrupted run's data and settings (epochs, "
+                f"train_batch_size, gradient_accumulation_steps, limit_train_batches)."
+            )
 
     # --------------------------------------------------------------------------------- evaluation
     @torch.no_grad()
@@ -177,10 +399,15 @@ class iLoRATrainer(Trainer):
             interaction = batched_data[0].to(self.device)
             for key, value in self.model.generate_answers(interaction, self.config["generate_max_new_tokens"]).items():
                 counts[key] += value
-        counts = distributed.sum_across_ranks(counts)  # distributed: every rank scored its own users
-        total = max(1, counts["total"])
-        return {
-            "gen_hr@1_valid": counts["correct"] / max(1, counts["valid"]),
-            "gen_hr@1_all": counts["correct"] / total,
-            "gen_valid_ratio": counts["valid"] / total,
-        }
+        return generation_metrics(sum_across_ranks(counts))  # distributed: every rank scored its own users
+
+
+def resume_training(trainer, resume_file) -> None:
+    """``resume: PATH``: continue an interrupted run exactly (the plugin's LLM models only)."""
+    if not isinstance(trainer, iLoRATrainer):
+        raise ValueError(
+            f"resume={resume_file}: exact resume is implemented for the plugin's models (iLoRA, LLaRA, TALLRec) "
+            f"only; {trainer.config['model']} is a RecBole baseline: train it again without resume (RecBole's "
+            f"resume_checkpoint restores weights and optimizer but not the data order or random state)."
+        )
+    trainer.resume_checkpoint(resume_file)

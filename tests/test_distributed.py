@@ -10,6 +10,8 @@ token weighting: one process with one batch of 4x the size weights tokens, not m
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,7 +23,8 @@ from recbole.utils import init_seed
 from recbole_ilora import distributed
 from recbole_ilora.cli import main as cli_main
 from recbole_ilora.config import Config
-from recbole_ilora.evaluation import RecordingEvaluator, per_user_metrics
+from recbole_ilora.distributed.launch import spawn
+from recbole_ilora.evaluation import RecordingEvaluator, per_user_metrics, prepare_eval_loaders
 from recbole_ilora.gate_encoder import gate_encoder_checkpoint
 from recbole_ilora.model.ilora import iLoRA
 from recbole_ilora.trainer import iLoRATrainer
@@ -60,7 +63,7 @@ def evaluate_then_step(config, trainer_class, micro_batches, indices) -> dict:
     """Evaluate on the test set, then one optimizer step over ``micro_batches``; return what to compare."""
     init_seed(config["seed"], True)
     _, _, test = data_preparation(config, create_dataset(config))
-    distributed.prepare_eval_loaders(config, test)
+    prepare_eval_loaders(config, test)
     init_seed(config["seed"] + config["local_rank"], True)
     with distributed.main_process_first():
         model = iLoRA(config, test._dataset)
@@ -110,7 +113,7 @@ def overrides(ml100k_slice, tmp_path_factory):
 def test_two_processes_match_one_process(overrides, tmp_path):
     # One process: 4 micro-batches accumulated into one optimizer step (the batch of both ranks together).
     config = Config(model="iLoRA", dataset="ml-100k-slice",
-                    config_dict={**overrides, "gradient_accumulation_steps": 4, "fixed_eval_negatives": True})
+                    config_dict={**overrides, "gradient_accumulation_steps": 4})
     init_seed(config["seed"], True)
     train, _, _ = data_preparation(config, create_dataset(config))
     loader = iter(train)
@@ -119,7 +122,7 @@ def test_two_processes_match_one_process(overrides, tmp_path):
     single = evaluate_then_step(config, iLoRATrainer, micro_batches, [0, 1, 2, 3])
 
     # Two processes (gloo), 2 accumulation steps each: rank r gets micro-batches r and r + 2;
-    # fixed_eval_negatives is on by default with several processes.
+    # fixed_eval_negatives (the default): the same candidates per user whatever the split into ranks.
     mp.spawn(_worker, args=(overrides, free_port(), str(tmp_path / "batches.pth"), str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pth", weights_only=False) for r in range(2)]
 
@@ -159,5 +162,21 @@ def test_nproc_launcher_runs_ilora_and_baselines(overrides, tmp_path):
     assert len(list(saved.glob("iLoRA-*.pth"))) == 1  # one checkpoint, by rank 0
 
     baseline = {**overrides, "checkpoint_dir": str(tmp_path / "saved_sasrec"), "epochs": 1}
-    result = distributed.spawn("SASRec", "ml-100k-slice", config_dict=baseline, nproc=2, port=free_port())
+    result = spawn("SASRec", "ml-100k-slice", config_dict=baseline, nproc=2, port=free_port())
     assert 0 <= result["test_result"]["ndcg@10"] <= 1 and len(result["test_per_user"]["hit@10"]) == NUM_USERS
+
+
+def test_layers_import_only_downwards():
+    """The config needs the process group only; the DDP helpers never pull in the trainer or the quick start."""
+    code = (
+        "import sys, importlib; importlib.import_module(sys.argv[1]); "
+        "print(' '.join(m for m in sys.modules if m.startswith('recbole_ilora')))"
+    )
+    for module, never in (
+        ("recbole_ilora.config", ("recbole_ilora.quick_start", "recbole_ilora.trainer", "recbole_ilora.distributed.launch")),
+        ("recbole_ilora.distributed.ddp", ("recbole_ilora.quick_start", "recbole_ilora.trainer", "recbole_ilora.config")),
+        ("recbole_ilora.trainer", ("recbole_ilora.quick_start", "recbole_ilora.distributed.launch")),
+    ):
+        out = subprocess.run([sys.executable, "-c", code, module], capture_output=True, text=True, check=True)
+        loaded = set(out.stdout.split())
+        assert module in loaded and not loaded & set(never), (module, sorted(loaded & set(never)))

@@ -16,7 +16,7 @@ experts, gate, projector. ``num_experts: 1`` is LLaRA; without behavioural token
 Scoring (``predict``/``full_sort_predict``) ranks candidates by the log-likelihood of
 ``title + newline`` after the prompt, aggregated per ``score_aggregation``, all candidates packed
 after one copy of the prompt (:mod:`recbole_ilora.scoring`). ``eval_generate`` adds the authors'
-protocol (greedy generation, string match; :mod:`recbole_ilora.generation`).
+protocol (greedy generation, string match; :mod:`recbole_ilora.evaluation.generation`).
 
 Departures from the authors' code, each a config option (defaults follow the authors):
 - the gate is ``Linear(d -> K, no bias)`` + softmax, as the paper writes; the authors' code puts a
@@ -38,9 +38,9 @@ from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.utils import InputType
 from torch import nn
 
-from recbole_ilora import generation
 from recbole_ilora.data import item_titles
 from recbole_ilora.expert_lora import ExpertLoraConfig, ExpertLoraModel
+from recbole_ilora.evaluation import generation
 from recbole_ilora.gate_encoder import gate_encoder_checkpoint, load_gate_encoder
 from recbole_ilora.llm import load_llm, resolve_dtype
 from recbole_ilora.prompt import ANSWER, BEHAVIOUR, PromptBuilder, Prompts, load_templates
@@ -231,7 +231,7 @@ class iLoRA(SequentialRecommender):
 
     @torch.no_grad()
     def generate_answers(self, interaction, max_new_tokens: int | None = None) -> dict:
-        """The authors' protocol on a uniN batch (:mod:`recbole_ilora.generation`): counts of valid and correct answers."""
+        """The authors' protocol on a uniN batch (:mod:`recbole_ilora.evaluation.generation`): counts of valid and correct answers."""
         groups = self._candidate_groups(interaction)
         prompts = self._candidate_prompts(interaction, groups)
         with self.lm.autocast():

@@ -1,0 +1,97 @@
+"""iLoRATrainer over several epochs: early stopping counts validations, the curriculum counts optimiser steps.
+
+Training is real (tiny random Llama, ml-100k slice, 3 batches per epoch); the validation scores are
+scripted, so which epoch improves is known and the patience arithmetic can be checked exactly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from recbole.data import create_dataset, data_preparation
+from recbole.utils import init_seed
+
+from recbole_ilora.config import Config
+from recbole_ilora.model.ilora import iLoRA
+from recbole_ilora.trainer import iLoRATrainer
+from tests.helpers import TINY_LLM
+
+EPOCHS, BATCHES = 4, 3
+TINY = {**TINY_LLM, "epochs": EPOCHS, "train_batch_size": 8, "limit_train_batches": BATCHES, "lora_dropout": 0.0}
+
+
+@pytest.fixture(scope="module")
+def data(ml100k_slice, tmp_path_factory):
+    overrides = {**ml100k_slice, **TINY, "checkpoint_dir": str(tmp_path_factory.mktemp("saved"))}
+    config = Config(model="iLoRA", dataset="ml-100k-slice", config_dict=overrides)
+    init_seed(config["seed"], True)
+    train, valid, _ = data_preparation(config, create_dataset(config))
+    return overrides, train, valid
+
+
+def scripted_run(data, scores, saved=False, trainer_class=iLoRATrainer, **changes):
+    """Fit with validation scores ``scores`` (one per epoch); return the trainer and the progress seen per batch."""
+    overrides, train, valid = data
+    config = Config(model="iLoRA", dataset="ml-100k-slice", config_dict={**overrides, **changes})
+    init_seed(config["seed"], True)
+    model = iLoRA(config, train._dataset)
+    trainer = trainer_class(config, model)
+    progress = []
+    calculate_loss = model.calculate_loss
+
+    def recording_loss(interaction):
+        progress.append(model.training_progress)
+        return calculate_loss(interaction)
+
+    model.calculate_loss = recording_loss
+    script = iter(scores)
+
+    def scripted_validation(valid_data, show_progress=False):
+        score = next(script)
+        return score, {"ndcg@5": score}
+
+    trainer._valid_epoch = scripted_validation
+    trainer.fit(train, valid, saved=saved)
+    return trainer, progress
+
+
+@pytest.mark.parametrize(
+    "stopping_step, scores, epochs_run, final_patience",
+    [
+        (5, [0.5, 0.4, 0.3, 0.2], EPOCHS, 3),  # patience not exhausted: every epoch runs
+        (1, [0.5, 0.4, 0.3, 0.2], 3, 2),  # 2 validations without improvement > 1: stop after epoch 2
+        (0, [0.1, 0.2, 0.3, 0.4], EPOCHS, 0),  # improving every time: never stops
+    ],
+)
+def test_early_stopping_counts_validations_not_optimiser_steps(data, stopping_step, scores, epochs_run, final_patience):
+    trainer, progress = scripted_run(data, scores, stopping_step=stopping_step)
+    assert sorted(trainer.train_loss_dict) == list(range(epochs_run))  # the epochs actually trained
+    assert len(progress) == epochs_run * BATCHES
+    assert trainer.cur_step == final_patience  # RecBole's count of validations without improvement
+    assert trainer.global_step == epochs_run * BATCHES  # optimiser steps (accumulation 1)
+
+
+def test_curriculum_progress_grows_over_the_whole_run(data):
+    # Every validation improves: the patience counter is reset each epoch, the curriculum must not be.
+    trainer, progress = scripted_run(data, [0.1, 0.2, 0.3, 0.4], stopping_step=2)
+    total = EPOCHS * BATCHES
+    # Monotone, one optimiser step per batch, from 0 to (total - 1) / total on the last batch.
+    assert progress == [step / total for step in range(total)]
+    assert trainer.total_steps == total and trainer.global_step == total
+
+
+def test_resume_checkpoints_every_n_steps_and_at_each_epoch_end(data):
+    written = []
+
+    class RecordingTrainer(iLoRATrainer):
+        def _save_resume_checkpoint(self, epoch, position, num_batches, loss_sum):
+            super()._save_resume_checkpoint(epoch, position, num_batches, loss_sum)
+            state = self.load_checkpoint(self.resume_file)
+            written.append((state["epoch"], state["position"], state["global_step"]))
+
+    trainer, _ = scripted_run(data, [0.1, 0.2, 0.3, 0.4], saved=True, trainer_class=RecordingTrainer,
+                              checkpoint_every_steps=2)
+    # Optimiser steps 2, 4, 6, ... and the last batch of every epoch (3 batches, one step each).
+    assert written == [(0, 2, 2), (0, 3, 3), (1, 1, 4), (1, 3, 6), (2, 2, 8), (2, 3, 9), (3, 1, 10), (3, 3, 12)]
+    assert not Path(trainer.resume_file).exists()  # removed once training has finished
