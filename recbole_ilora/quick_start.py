@@ -69,10 +69,11 @@ def _train_and_test(config, saved, queue):
     logger.info(sys.argv)
     logger.info(config)
 
-    from recbole_ilora.data import check_atomic_files
+    from recbole_ilora.data import check_atomic_files, check_dataset
 
     check_atomic_files(config)
     dataset = create_dataset(config)
+    check_dataset(dataset, config)
     logger.info(dataset)
     train_data, valid_data, test_data = data_preparation(config, dataset)
     distributed.prepare_eval_loaders(config, valid_data, test_data)  # fixed_eval_negatives; unpadded shards
