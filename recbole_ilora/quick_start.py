@@ -18,7 +18,7 @@ from recbole.utils import get_environment, get_flops, init_seed, set_color
 
 from recbole_ilora import distributed
 from recbole_ilora.config import Config
-from recbole_ilora.data import check_atomic_files
+from recbole_ilora.data import check_atomic_files, check_dataset
 from recbole_ilora.evaluation import RecordingEvaluator, per_user_metrics, prepare_eval_loaders
 from recbole_ilora.outputs import init_logger, resolve_checkpoint_dir
 from recbole_ilora.trainer import resume_training
@@ -79,6 +79,7 @@ def _train_and_test(config, saved, queue):
 
     check_atomic_files(config)
     dataset = create_dataset(config)
+    check_dataset(dataset, config)
     logger.info(dataset)
     train_data, valid_data, test_data = data_preparation(config, dataset)
     prepare_eval_loaders(config, valid_data, test_data)  # fixed_eval_negatives: candidates per (seed, phase, user)

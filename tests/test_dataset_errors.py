@@ -118,7 +118,7 @@ def test_missing_ml1m_with_network_downloads_itself(tmp_path):
     def fake_download(url, folder, name):
         calls.append((url, folder, name))
         folder.mkdir(parents=True)
-        (folder / "ml-1m.inter").write_text("user_id:token\titem_id:token\n", encoding="utf-8")
+        (folder / "ml-1m.inter").write_text("user_id:token\titem_id:token\n1\t1\n", encoding="utf-8")
 
     check_atomic_files(missing_config(tmp_path, "ml-1m"), reachable=lambda url: True, download=fake_download)
     assert calls == [(calls[0][0], tmp_path / "ml-1m", "ml-1m")] and calls[0][0].endswith("ml-1m.zip")

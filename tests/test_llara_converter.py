@@ -114,6 +114,23 @@ def test_recbole_loads_the_benchmark_split(converted):
     assert len(titles) == 4607 and titles[dataset.token2id("item_id", "3055")] == 'Lee "Scratch" Perry'
 
 
+@needs_lastfm
+def test_converted_lastfm_passes_every_check(converted):
+    """The plugin's own checks accept the conversion, split by RecBole and as the authors' benchmark split."""
+    from recbole.data import create_dataset
+
+    import recbole_ilora  # noqa: F401
+    from recbole_ilora.config import Config
+    from recbole_ilora.data import check_atomic_files, check_dataset
+
+    folder, _ = converted
+    for config_files in ([], [str(folder / "lastfm.benchmark.yaml")]):
+        config = Config(model="iLoRA", dataset="lastfm", config_file_list=config_files,
+                        config_dict={"data_path": str(folder.parent), "show_progress": False, "state": "WARNING"})
+        check_atomic_files(config)
+        check_dataset(create_dataset(config), config)
+
+
 def write_tiny(src: Path, names: list[str], samples: list[tuple[list[int], int]], split="Test_data.df"):
     src.mkdir(parents=True, exist_ok=True)
     (src / "id2name.txt").write_text("".join(f"{i}::{n}\n" for i, n in enumerate(names)), encoding="utf-8")

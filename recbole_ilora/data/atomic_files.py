@@ -16,6 +16,7 @@ RecBole 1.2.1 downloads a missing dataset in ``Dataset._download`` only when the
 does the check itself: files present -> nothing to do; a dataset RecBole can download and whose host
 answers within 3 s -> it downloads with a timeout using RecBole's own URL list and unpacking helpers,
 so RecBole never reaches ``_download``; otherwise one clear error saying where to put which files.
+Files present, it validates them with :func:`~recbole_ilora.data.validation.check_raw_files`.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from pathlib import Path
 import yaml
 
 from recbole_ilora.data.item_text import DatasetError
+from recbole_ilora.data.validation import check_raw_files
 
 __all__ = ["check_atomic_files", "recbole_download_url", "host_reachable"]
 
@@ -112,6 +114,7 @@ def check_atomic_files(config, *, reachable=host_reachable, download=_download) 
     dataset_dir = Path(config["data_path"])
     missing = [path for path in _required_files(config) if not path.is_file()]
     if not missing:
+        check_raw_files(config)
         return
     missing_text = ", ".join(path.name for path in missing)
     if name in _PLUGIN_DATASETS:
@@ -149,3 +152,4 @@ def check_atomic_files(config, *, reachable=host_reachable, download=_download) 
             f"Dataset '{name}': downloaded {url} into {dataset_dir}, but {', '.join(still_missing)} is still "
             f"missing there (found: {sorted(os.listdir(dataset_dir))}). Put the atomic files there by hand."
         )
+    check_raw_files(config)

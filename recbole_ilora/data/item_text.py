@@ -158,19 +158,18 @@ def item_titles(dataset, config) -> list[str]:
         years = _field_strings(dataset, year_field)
     else:
         years = [None] * len(titles)
-    cleaned = [""] + [clean_title(title, year) for title, year in zip(titles[1:], years[1:])]
-    if len(cleaned) != dataset.item_num:
+    if len(titles) != dataset.item_num:
         raise DatasetError(
-            f"Dataset '{name}': {len(cleaned)} rows of item features for {dataset.item_num} items; "
+            f"Dataset '{name}': {len(titles)} rows of item features for {dataset.item_num} items; "
             f"item_titles must be called on a dataset whose item features are aligned with item ids."
         )
-    empty = [iid for iid in range(1, len(cleaned)) if not cleaned[iid]]
+    # Checked before cleaning: clean_title appends the year, which would turn an empty title into "(1995)".
+    empty = [iid for iid in range(1, len(titles)) if not titles[iid].strip()]
     if empty:
         tokens = dataset.id2token(dataset.iid_field, empty[:10])
         raise DatasetError(
-            f"Dataset '{name}': {len(empty)} of {len(cleaned) - 1} items have an empty '{field}' in "
+            f"Dataset '{name}': {len(empty)} of {len(titles) - 1} items have an empty '{field}' in "
             f"{item_file}, e.g. item_id {', '.join(map(str, tokens))}. Every item needs a title for the "
-            f"prompt: fill in the missing titles in {item_file}, or remove those items (RecBole drops the "
-            f"interactions of items absent from {name}.item)."
+            f"prompt: fill in the missing titles in {item_file}, or remove those items and their interactions."
         )
-    return cleaned
+    return [""] + [clean_title(title, year) for title, year in zip(titles[1:], years[1:])]
