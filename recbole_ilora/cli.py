@@ -111,11 +111,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
             parser.error("--jobs runs a --leaderboard grid in parallel; it does not combine with --shard or --export_only.")
         if args.jobs < 1:
             parser.error("--jobs must be at least 1.")
-        from recbole_ilora.leaderboard import run_leaderboard_jobs
+        from recbole_ilora.leaderboard import GridSpecError, run_leaderboard_jobs
 
         argv = list(argv) if argv is not None else sys.argv[1:]
-        return run_leaderboard_jobs(args.leaderboard, args.jobs, argv, results_path=args.results,
-                                    cli_overrides=overrides, config_files=config_files)
+        try:
+            return run_leaderboard_jobs(args.leaderboard, args.jobs, argv, results_path=args.results,
+                                        cli_overrides=overrides, config_files=config_files)
+        except GridSpecError as error:
+            parser.error(f"{args.leaderboard}: {error}")
     if args.leaderboard is not None:
         from recbole_ilora.leaderboard import GridSpecError, run_leaderboard
 

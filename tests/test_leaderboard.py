@@ -1,4 +1,5 @@
-"""Leaderboard: grid spec, resumable results store, failures, significance tests and the exports.
+"""Leaderboard: grid spec, equal tuning budgets, resumable results store, failures, significance tests,
+the proposed/baseline roles and the exports.
 
 The end-to-end test runs a real tiny grid (Pop, GRU4Rec, LLaRA, iLoRA x 2 seeds, one epoch each on the
 ml-100k slice, the LLMs on ``tiny-random-llama``), interrupts it, resumes it and exports it. The other
@@ -7,8 +8,10 @@ tests use a fake runner with hand-built per-user vectors, so they take no traini
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import re
 import threading
 from collections import OrderedDict
 
@@ -19,28 +22,24 @@ import yaml
 from scipy import stats
 
 from recbole_ilora.cli import main as cli_main
-from recbole_ilora.leaderboard import (
-    GridSpec,
-    GridSpecError,
-    ResultsStore,
-    build_leaderboard,
-    config_hash,
-    load_grid_spec,
-    paired_test,
-    pool_pairs,
-    run_grid,
-    run_leaderboard,
-)
-from recbole_ilora.leaderboard import grid as grid_module
+from recbole_ilora.leaderboard import runner as runner_module
+from recbole_ilora.leaderboard.exports import export_tables, to_json, to_markdown
+from recbole_ilora.leaderboard.jobs import shard_argv
+from recbole_ilora.leaderboard.plot import plot_leaderboard
+from recbole_ilora.leaderboard.runner import run_grid, run_leaderboard
 from recbole_ilora.leaderboard.significance import (
     POOL_CONCAT,
     POOL_MEAN,
+    paired_test,
+    pool_pairs,
     significance_marker,
 )
+from recbole_ilora.leaderboard.spec import GridSpec, GridSpecError, load_grid_spec
+from recbole_ilora.leaderboard.store import ResultsStore, config_hash
 from recbole_ilora.leaderboard.tables import (
-    numeric_means,
-    parse_markdown_means,
-    to_markdown,
+    COST_COLUMNS,
+    Leaderboard,
+    build_leaderboard,
 )
 from recbole_ilora.quick_start import run_recbole_ilora
 from tests.helpers import TINY_LLM
@@ -48,6 +47,27 @@ from tests.helpers import TINY_LLM
 FAST = {"epochs": 1, "train_batch_size": 256, "eval_batch_size": 256}
 # The plugin models on a tiny random Llama, a tiny gate encoder and two training batches: they only have to run.
 TINY_LLM = {**TINY_LLM, "limit_train_batches": 2}
+
+
+def parse_markdown_means(markdown: str) -> dict[tuple[str, str], float]:
+    """The means shown in to_markdown's table: ``{(model, "ml-100k HR@1"): mean}`` (metric cells only)."""
+    lines = [line for line in markdown.splitlines() if line.startswith("|")]
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    means = {}
+    for line in lines[2:]:
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        for column, cell in zip(header[1:], cells[1:]):
+            if column.endswith(tuple(COST_COLUMNS.values())):
+                continue
+            match = re.fullmatch(r"(?:\*\*|<u>)?(\d+\.\d+)(?: ± \d+\.\d+)?(?:\*\*|</u>)?(?: \(n=\d+\))?[†‡]?", cell)
+            if match:
+                means[(cells[0], column)] = float(match.group(1))
+    return means
+
+
+def numeric_means(board: Leaderboard) -> dict[tuple[str, str], float]:
+    """``{(model, "dataset metric"): mean}`` from the numbers, in parse_markdown_means' layout."""
+    return {(row.model, f"{row.dataset} {row.metric}"): float(row.mean) for row in board.summary.itertuples()}
 
 
 class CountingRunner:
@@ -152,9 +172,24 @@ def test_grid_spec_merges_overrides_by_precedence_and_hashes_stably(tmp_path):
     # Same settings -> same hash, whatever their order; printing settings do not count; others do.
     assert cells["Pop", 1].config_hash == cells["Pop", 2].config_hash
     assert config_hash({"a": 1, "b": [1, 2]}) == config_hash({"b": [1, 2], "a": 1})
-    assert config_hash({"a": 1}) == config_hash({"a": 1, "show_progress": True, "state": "INFO"})
+    assert config_hash({"a": 1}) == config_hash({"a": 1, "show_progress": True, "state": "INFO", "gpu_id": "1"})
     assert config_hash({"a": 1}) != config_hash({"a": 2})
     assert cells["SASRec", 1].config_hash != cells["SASRec", 2].config_hash
+
+
+def test_config_hash_keeps_the_hashes_of_existing_results_files(tmp_path):
+    # Results files written before the store used the shared fingerprint helpers hold these hashes:
+    # sha256 of the compact, key-sorted JSON of the settings and of [path, sha256 of the file's bytes].
+    config_file = tmp_path / "extra.yaml"
+    config_file.write_text("hidden_size: 32\n")
+    overrides = {"learning_rate": 1e-3, "eval_args": {"mode": "uni19"}, "show_progress": False}
+    payload = {"overrides": {"eval_args": {"mode": "uni19"}, "learning_rate": 1e-3},
+               "config_files": [[str(config_file), hashlib.sha256(config_file.read_bytes()).hexdigest()]]}
+    text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+    assert config_hash(overrides, [str(config_file)]) == hashlib.sha256(text.encode()).hexdigest()[:16]
+    before = config_hash(overrides, [str(config_file)])
+    config_file.write_text("hidden_size: 64\n")  # editing a config file re-runs its cells
+    assert config_hash(overrides, [str(config_file)]) != before
 
 
 def test_grid_spec_refuses_mistakes(tmp_path):
@@ -166,6 +201,12 @@ def test_grid_spec_refuses_mistakes(tmp_path):
         GridSpec(models=[], datasets=["d"], seeds=[1])
     with pytest.raises(GridSpecError, match="significance_test"):
         GridSpec(models=["Pop"], datasets=["d"], seeds=[1], significance_test="sign")
+    with pytest.raises(GridSpecError, match="`proposed: iLoRA` is not one of the grid's models"):
+        GridSpec(models=["Pop", "SASRec"], datasets=["d"], seeds=[1], proposed="iLoRA")
+    with pytest.raises(GridSpecError, match="`baseline: LLaRA` is not one of"):
+        GridSpec(models=["Pop", "SASRec"], datasets=["d"], seeds=[1], baseline="LLaRA")
+    with pytest.raises(GridSpecError, match="both SASRec"):
+        GridSpec(models=["Pop", "SASRec"], datasets=["d"], seeds=[1], baseline="SASRec")
     path = tmp_path / "grid.yaml"
     path.write_text("models: [Pop]\ndatasets: [d]\nseeds: [1]\nmodel_override: {}\n")
     with pytest.raises(GridSpecError, match="unknown keys"):
@@ -176,7 +217,25 @@ def test_default_grid_file_is_valid():
     spec = load_grid_spec("properties/leaderboard.yaml")
     assert spec.models == ["Pop", "GRU4Rec", "Caser", "SASRec", "BERT4Rec", "LLaRA", "TALLRec", "iLoRA"]
     assert spec.datasets == ["ml-100k"] and spec.seeds == [2020, 2021, 2022]
+    assert (spec.proposed, spec.baseline) == ("iLoRA", "LLaRA")
     assert len(spec.cells()) == 24
+
+
+def test_quality_grid_tunes_every_model_with_the_same_budget():
+    spec = load_grid_spec("benchmarks/quality-gpu.yaml")
+    assert spec.models == ["SASRec", "GRU4Rec", "LLaRA", "iLoRA"] and spec.datasets == ["ml-100k", "lastfm"]
+    assert (spec.proposed, spec.baseline, spec.seeds) == ("iLoRA", "LLaRA", [2020, 2021, 2022])
+    assert spec.tuned_models == spec.models and not spec.tune.allow_unequal_budgets
+    assert {model: spec.tune.budget(model) for model in spec.models} == dict.fromkeys(spec.models, 4)
+    # The best LLM learning rate of the earlier grid (1.6e-3) was its largest value: this grid reaches above it.
+    for model in ("LLaRA", "iLoRA"):
+        assert max(trial["learning_rate"] for trial in spec.tune.trials(model)) > 1.6e-3
+    assert len(spec.tuning_cells()) == 2 * 4 * 4  # datasets x models x trials (one tuning seed)
+
+
+def test_proposed_defaults_to_the_last_model_and_baseline_to_none():
+    spec = GridSpec(models=["Pop", "GRU4Rec", "SASRec"], datasets=["d"], seeds=[1])
+    assert (spec.proposed, spec.baseline) == ("SASRec", None)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -254,21 +313,72 @@ def test_truncated_last_line_is_ignored_and_its_cell_rerun(tmp_path, ml100k_slic
     assert runner.calls == [("Pop", "ml-100k-slice", 2)]
 
 
-def test_without_ilora_there_is_no_improvement_or_significance(tmp_path, ml100k_slice):
-    spec = fake_spec(tmp_path, ["Pop", "SASRec", "LLaRA"], ml100k_slice)
-    run = run_grid(spec, runner=CountingRunner(fake_runner))
+def test_a_proposed_model_without_results_gets_no_improvement_or_significance(tmp_path, ml100k_slice):
+    spec = fake_spec(tmp_path, ["Pop", "SASRec", "LLaRA", "iLoRA"], ml100k_slice)
+
+    def proposed_crashes(**kwargs):
+        if kwargs["model"] == "iLoRA":
+            raise ValueError("simulated crash")
+        return fake_runner(**kwargs)
+
+    run = run_grid(spec, runner=CountingRunner(proposed_crashes))
     board = build_leaderboard(spec, run.store.load())
     assert board.significance.empty and board.improvements.empty
     markdown = to_markdown(board)
     assert "iLoRA vs" not in markdown and "†" not in markdown and "‡" not in markdown
-    assert "No significance test" in markdown
+    assert "No significance test and no improvement rows: iLoRA has no results" in markdown
+
+
+def test_proposed_and_baseline_keys_drive_the_marks_and_improvement_rows(tmp_path, ml100k_slice):
+    # SASRec is the proposed model and GRU4Rec its baseline; LLaRA has the best means here but, being an
+    # LLM-based model, is never the "best classical" reference. The exports never mention iLoRA.
+    spec = GridSpec(models=["Pop", "SASRec", "GRU4Rec", "LLaRA"], datasets=["ml-100k-slice"], seeds=[1, 3],
+                    overrides=dict(ml100k_slice), output_dir=str(tmp_path / "board"), proposed="SASRec",
+                    baseline="GRU4Rec")
+    run = run_grid(spec, runner=CountingRunner(fake_runner))
+    board = build_leaderboard(spec, run.store.load())
+    assert board.llm_models == ["LLaRA"]
+    assert set(board.significance.model) == {"Pop", "GRU4Rec", "LLaRA"}  # SASRec against every other model
+    records = {(r["model"], r["seed"]): r["test_per_user"]["ndcg@5"] for r in run.store.load()}
+    sig = board.significance.set_index(["metric", "model"]).loc[("NDCG@5", "LLaRA")]
+    x, y = (np.mean([records[model, 1], records[model, 3]], axis=0) for model in ("SASRec", "LLaRA"))
+    assert sig.p_value == pytest.approx(paired_test(x, y).p_value)
+
+    improvements = board.improvements.set_index(["metric", "reference"])
+    means = {metric: {model: board.mean(model, "ml-100k-slice", metric) for model in spec.models}
+             for metric in board.metrics}
+    assert any(mean["LLaRA"] > max(mean["Pop"], mean["GRU4Rec"]) for mean in means.values())
+    for metric, mean in means.items():
+        vs_baseline = improvements.loc[(metric, "GRU4Rec")]
+        assert vs_baseline.relative_pct == pytest.approx((mean["SASRec"] - mean["GRU4Rec"]) / mean["GRU4Rec"] * 100)
+        best = improvements.loc[(metric, "best classical")]
+        assert best.reference_model == max(["Pop", "GRU4Rec"], key=mean.get)
+        assert best.relative_pct == pytest.approx((mean["SASRec"] / mean[best.reference_model] - 1) * 100)
+    assert set(improvements.index.get_level_values("reference")) == {"GRU4Rec", "best classical"}
+
+    markdown = to_markdown(board)
+    rows = {line.split("|")[1].strip(): line for line in markdown.splitlines() if line.startswith("|")}
+    assert "SASRec vs GRU4Rec" in rows and "SASRec vs best classical" in rows
+    assert not re.search("[†‡]", rows["SASRec"])  # the proposed model carries no mark of its own
+    marked = board.significance[board.significance.marker != ""]
+    assert len(marked)  # the fake models differ: some other model's cell is marked
+    for row in marked.itertuples():
+        assert row.marker in rows[row.model]
+    assert "SASRec differs from that model" in markdown and "X = GRU4Rec or the best classical" in markdown
+    paths = export_tables(board, tmp_path / "exports")
+    paths["png"] = plot_leaderboard(board, tmp_path / "exports" / "leaderboard.png")
+    for fmt in ("markdown", "csv", "latex", "json"):
+        assert "iLoRA" not in paths[fmt].read_text()
+    document = json.loads(paths["json"].read_text())
+    assert (document["grid"]["proposed"], document["grid"]["baseline"]) == ("SASRec", "GRU4Rec")
 
 
 def test_improvements_and_emphasis(tmp_path, ml100k_slice):
-    spec = fake_spec(tmp_path, ["Pop", "SASRec", "LLaRA", "iLoRA"], ml100k_slice)
+    spec = fake_spec(tmp_path, ["Pop", "SASRec", "LLaRA", "iLoRA"], ml100k_slice)  # proposed: iLoRA, the last
     run = run_grid(spec, runner=CountingRunner(fake_runner))
     board = build_leaderboard(spec, run.store.load())
     improvements = board.improvements.set_index(["metric", "reference"])
+    assert set(improvements.index.get_level_values("reference")) == {"best classical"}  # no baseline named
     row = improvements.loc[("HR@1", "best classical")]
     assert row.reference_model == board.summary.query("model in ['Pop', 'SASRec'] and metric == 'HR@1'").set_index("model")["mean"].idxmax()
     expected = (board.mean("iLoRA", "ml-100k-slice", "HR@1") / board.mean(row.reference_model, "ml-100k-slice", "HR@1") - 1) * 100
@@ -301,6 +411,8 @@ def tiny_grid(ml100k_slice, tmp_path_factory):
         "overrides": {**ml100k_slice, **FAST, "checkpoint_dir": str(root / "saved")},
         "model_overrides": {"LLaRA": dict(TINY_LLM), "iLoRA": dict(TINY_LLM)},
         "output_dir": str(root / "board"),
+        "proposed": "iLoRA",
+        "baseline": "LLaRA",
     }
     grid_path = root / "grid.yaml"
     grid_path.write_text(yaml.safe_dump(grid))
@@ -398,16 +510,18 @@ def tuning_runner(**kwargs):
 
 
 def tuning_spec(tmp_path, ml100k_slice) -> GridSpec:
+    """iLoRA tuned over 3 learning rates, SASRec untuned (an explicitly allowed unequal budget)."""
     return GridSpec(
         models=["SASRec", "iLoRA"], datasets=["ml-100k-slice"], seeds=[1, 2], overrides=dict(ml100k_slice),
         output_dir=str(tmp_path / "board"),
-        tune={"models": ["iLoRA"], "space": {"learning_rate": [1e-4, BEST_VALID_LR, BEST_TEST_LR]}},
+        tune={"models": ["iLoRA"], "space": {"learning_rate": [1e-4, BEST_VALID_LR, BEST_TEST_LR]},
+              "allow_unequal_budgets": True},
     )
 
 
 def test_tuning_chooses_on_validation_only_and_reuses_the_chosen_trial(tmp_path, ml100k_slice):
     spec = tuning_spec(tmp_path, ml100k_slice)
-    assert spec.tune["seeds"] == [1]  # default: the first seed decides
+    assert spec.tune.seeds == [1]  # default: the first seed decides
     runner = CountingRunner(tuning_runner)
     run = run_grid(spec, runner=runner)
     # 3 trials of iLoRA (seed 1), then SASRec x 2 seeds and iLoRA seed 2; iLoRA seed 1 is the chosen trial.
@@ -419,10 +533,16 @@ def test_tuning_chooses_on_validation_only_and_reuses_the_chosen_trial(tmp_path,
     board = build_leaderboard(spec, run.store.load())
     assert board.mean("iLoRA", "ml-100k-slice", "HR@1") == pytest.approx(BEST_VALID_LR * 10)
     assert board.missing.empty
-    chosen = board.tuning[board.tuning.chosen]
-    assert len(board.tuning) == 3 and chosen.learning_rate.tolist() == [BEST_VALID_LR]
+    tuning = board.tuning.set_index("model")
+    assert tuning.loc["iLoRA"].learning_rate.tolist() == [1e-4, BEST_VALID_LR, BEST_TEST_LR]
+    assert tuning.loc["iLoRA"].chosen.tolist() == [False, True, False]
+    # The untuned model is listed too, with the validation score of its only settings.
+    untuned = tuning.loc["SASRec"]
+    assert untuned.learning_rate is None and untuned.chosen
+    assert untuned.valid_score == pytest.approx(tuning_runner(model="SASRec", config_dict={"seed": 1})["best_valid_score"])
     markdown = to_markdown(board)
     assert "**Tuning.**" in markdown and "✓" in markdown
+    assert re.search(r"\| SASRec +\| ml-100k-slice \| — ", markdown)
     assert CountingRunner(tuning_runner).calls == [] and run_grid(spec, runner=CountingRunner(tuning_runner)).finished == []
 
 
@@ -450,9 +570,14 @@ def test_tuning_spec_mistakes_are_refused(tmp_path, ml100k_slice):
         ({"space": {}}, "tune.space"),
         ({"space": {"learning_rate": 1e-3}}, "non-empty list"),
         ({"space": {"seed": [1, 2]}}, "cannot tune `seed`"),
-        ({"models": ["GRU4Rec"], "space": {"learning_rate": [1e-3]}}, "not in the grid"),
+        ({"space": {"SASRec": {"seed": [1, 2]}, "iLoRA": {"learning_rate": [1e-3, 2e-3]}}}, "cannot tune `seed`"),
+        ({"models": ["GRU4Rec"], "space": {"learning_rate": [1e-3]}, "allow_unequal_budgets": True}, "not in the grid"),
+        ({"space": {"GRU4Rec": {"learning_rate": [1e-3]}}, "allow_unequal_budgets": True}, "not in the grid"),
         ({"seeds": [3], "space": {"learning_rate": [1e-3]}}, "subset of the grid's seeds"),
         ({"space": {"learning_rate": [1e-3]}, "metric": "hit@1"}, "unknown keys"),
+        ({"space": {"SASRec": [1e-3], "learning_rate": [1e-3]}}, "mixes models"),
+        ({"models": ["iLoRA"], "space": {"iLoRA": {"learning_rate": [1e-3]}}}, "only applies to a shared"),
+        ({"space": {"learning_rate": [1e-3]}, "allow_unequal_budgets": "yes"}, "true or false"),
     ]:
         with pytest.raises(GridSpecError, match=message):
             GridSpec(**base, tune=tune)
@@ -463,8 +588,49 @@ def test_tuning_spec_mistakes_are_refused(tmp_path, ml100k_slice):
         run_grid(spec, shard="2/2")
 
 
+def budget_runner(**kwargs):
+    """tuning_runner whose validation score also prefers train_batch_size 256 (what SASRec tunes)."""
+    result = tuning_runner(**kwargs)
+    result["best_valid_score"] -= abs(kwargs["config_dict"].get("train_batch_size", 256) - 256) / 1e5
+    return result
+
+
+def test_every_model_is_tuned_with_the_same_budget(tmp_path, ml100k_slice):
+    space = {
+        "SASRec": {"learning_rate": [BEST_VALID_LR, BEST_TEST_LR], "train_batch_size": [2048, 256]},
+        "iLoRA": {"learning_rate": [1e-4, 3e-4, BEST_VALID_LR, BEST_TEST_LR]},
+    }
+    base = dict(models=["SASRec", "iLoRA"], datasets=["ml-100k-slice"], seeds=[1, 2], overrides=dict(ml100k_slice),
+                output_dir=str(tmp_path / "board"))
+    spec = GridSpec(**base, tune={"space": space})
+    assert spec.tuned_models == ["SASRec", "iLoRA"] and [spec.tune.budget(m) for m in spec.models] == [4, 4]
+    runner = CountingRunner(budget_runner)
+    run = run_grid(spec, runner=runner)
+    # 4 validation trials of each model on seed 1 (the chosen one is also seed 1's final cell), then seed 2.
+    calls = pd.Series([f"{model} {seed}" for model, _, seed in runner.calls]).value_counts().to_dict()
+    assert calls == {"SASRec 1": 4, "iLoRA 1": 4, "SASRec 2": 1, "iLoRA 2": 1}
+    assert run.tuning.chosen == {("SASRec", "ml-100k-slice"): {"learning_rate": BEST_VALID_LR, "train_batch_size": 256},
+                                 ("iLoRA", "ml-100k-slice"): {"learning_rate": BEST_VALID_LR}}
+    board = build_leaderboard(spec, run.store.load())
+    assert board.mean("SASRec", "ml-100k-slice", "HR@1") == pytest.approx(BEST_VALID_LR * 10)  # not the test optimum
+    trials = pd.DataFrame(json.loads(to_json(board))["tuning"])
+    assert trials.groupby("model").size().to_dict() == {"SASRec": 4, "iLoRA": 4} and trials.valid_score.notna().all()
+    assert "— = a setting that model does not tune" in to_markdown(board)
+
+    # Spaces of different sizes are refused, unless the grid explicitly allows them.
+    unequal = {**space, "iLoRA": {"learning_rate": [1e-4, BEST_VALID_LR, BEST_TEST_LR]}}
+    with pytest.raises(GridSpecError, match=r"different numbers of trials \(SASRec: 4, iLoRA: 3\)"):
+        GridSpec(**base, tune={"space": unequal})
+    assert GridSpec(**base, tune={"space": unequal, "allow_unequal_budgets": True}).tune.budget("iLoRA") == 3
+    # A model without a space counts as one trial; a shared space gives every model the same trials.
+    with pytest.raises(GridSpecError, match=r"SASRec: 1 \(untuned\), iLoRA: 4"):
+        GridSpec(**base, tune={"space": {"iLoRA": space["iLoRA"]}})
+    shared = GridSpec(**base, tune={"space": {"learning_rate": [1e-4, 1e-3]}}).tune
+    assert shared.trials("SASRec") == shared.trials("iLoRA") == [{"learning_rate": 1e-4}, {"learning_rate": 1e-3}]
+
+
 def test_two_shards_split_the_grid_and_wait_for_each_others_trials(tmp_path, ml100k_slice, monkeypatch):
-    monkeypatch.setattr(grid_module, "SHARD_WAIT_S", 0.05)
+    monkeypatch.setattr(runner_module, "SHARD_WAIT_S", 0.05)
     spec = tuning_spec(tmp_path, ml100k_slice)
     runners = [CountingRunner(tuning_runner), CountingRunner(tuning_runner)]
     outcomes = [None, None]
@@ -487,7 +653,7 @@ def test_two_shards_split_the_grid_and_wait_for_each_others_trials(tmp_path, ml1
 
 
 def test_claiming_shards_never_run_a_cell_twice(tmp_path, ml100k_slice, monkeypatch):
-    monkeypatch.setattr(grid_module, "SHARD_WAIT_S", 0.05)
+    monkeypatch.setattr(runner_module, "SHARD_WAIT_S", 0.05)
     spec = tuning_spec(tmp_path, ml100k_slice)
     runners = [CountingRunner(tuning_runner) for _ in range(3)]
     threads = [threading.Thread(target=run_grid, args=(spec,),
@@ -506,6 +672,12 @@ def test_claiming_shards_never_run_a_cell_twice(tmp_path, ml100k_slice, monkeypa
     again = CountingRunner(tuning_runner)
     run_grid(spec, runner=again, shard="0/2", run_id="r2")
     assert again.calls == []
+
+
+def test_shard_command_line_drops_jobs_and_adds_shard_and_run_id():
+    argv = ["--leaderboard", "g.yaml", "--jobs", "3", "--epochs=2", "--jobs=3", "--no_save"]
+    assert shard_argv(argv, 1, 3, "abc") == ["--leaderboard", "g.yaml", "--epochs=2", "--no_save", "--shard=1/3",
+                                             "--run_id=abc"]
 
 
 def test_cli_jobs_runs_shard_processes_into_one_results_file(tmp_path, ml100k_slice):

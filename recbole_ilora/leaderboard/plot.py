@@ -12,7 +12,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from recbole_ilora.leaderboard.tables import LLM_MODELS, Leaderboard
+from recbole_ilora.leaderboard.tables import Leaderboard
 
 
 def plot_leaderboard(board: Leaderboard, path: str | Path) -> Path:
@@ -41,7 +41,7 @@ def plot_leaderboard(board: Leaderboard, path: str | Path) -> Path:
                 capsize=2,
                 label=_legend_label(board, model),
                 color=colors[model],
-                edgecolor="black" if model in LLM_MODELS else "none",
+                edgecolor="black" if model in board.llm_models else "none",
                 linewidth=0.6,
             )
         axis.set_xticks(positions, board.metrics)
