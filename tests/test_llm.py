@@ -206,7 +206,8 @@ def test_split_gguf_alias_converts_once_to_the_same_model(monkeypatch, site, tmp
     write_llama_gguf(tmp_path / "tiny.gguf", original, tokenizer)
     data = (tmp_path / "tiny.gguf").read_bytes()
     third = len(data) // 3
-    register_split_alias(monkeypatch, site, [data[:third], data[third: 2 * third], data[2 * third:]], alias="tiny-split")
+    chunks = [data[:third], data[third: 2 * third], data[2 * third:]]
+    register_split_alias(monkeypatch, site, chunks, alias="tiny-split")
     text = "Toy Story (1995), a movie"
     ids = tokenizer(text, return_tensors="pt").input_ids
     with torch.no_grad():
