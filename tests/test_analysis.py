@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from recbole_ilora.analysis import analyze
+from recbole_ilora.analysis.cluster_metrics import evaluated_users
 from recbole_ilora.analysis.clustering import cluster_users, collate_rows, last_training_rows, sequence_representations
 from recbole_ilora.analysis.command import main
 from recbole_ilora.analysis.gate import gate_statistics, gate_weights, normalised_entropy
@@ -190,6 +191,21 @@ def test_expert_parts_are_rows_of_a_and_columns_of_b():
     assert grams["mixed"][0, 1].item() == pytest.approx(expected_mixed.item())
     with pytest.raises(ValueError, match="lora_rank is 8"):
         gram_matrices(names, gradients, rank=8, num_experts=2)
+
+
+@pytest.mark.parametrize("mode", ["uni19", "full"])
+def test_evaluated_users_follow_the_order_of_the_evaluation_batches(checkpoints, mode):
+    """The per-user vectors are credited to the users RecBole's evaluation visits, in its order."""
+    run = load_run(checkpoints["LLaRA"], {"eval_args": {"split": {"LS": "valid_and_test"}, "order": "TO",
+                                                        "group_by": "user", "mode": mode}})
+    _, _, _, test_data = build_data(run.config)
+    visited = []
+    for interaction, row_idx, positive_u, _ in test_data:
+        group = row_idx if row_idx is not None else positive_u  # full ranking: one row per user
+        users = torch.zeros(int(group.max()) + 1, dtype=torch.long)
+        users[group] = interaction["user_id"]
+        visited.append(users)
+    assert torch.cat(visited).tolist() == evaluated_users(test_data).tolist()
 
 
 def test_checkpoints_of_different_data_are_refused(checkpoints):

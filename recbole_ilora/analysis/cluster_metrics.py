@@ -41,7 +41,8 @@ def _ensure_reported_metrics(config) -> None:
             config["topk"] = sorted(set(config["topk"]) | {int(k)})
 
 
-def evaluate_per_user(config, model, test_data, show_progress: bool = False) -> tuple[dict, dict[str, np.ndarray], np.ndarray]:
+def evaluate_per_user(config, model, test_data, show_progress: bool = False
+                      ) -> tuple[dict, dict[str, np.ndarray], np.ndarray]:
     """``(RecBole's test result, per-user metric vectors, user id of each vector entry)``."""
     _ensure_reported_metrics(config)
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)

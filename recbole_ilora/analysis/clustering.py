@@ -8,8 +8,8 @@ the raw representations (Euclidean distance, as in the paper), ``random_state`` 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -80,7 +80,9 @@ def collate_rows(loader, rows: np.ndarray):
 def cluster_users(users: np.ndarray, representations: torch.Tensor, num_clusters: int, seed: int) -> UserClusters:
     """KMeans with ``num_clusters`` clusters and ``random_state=seed``: the same labels for the same seed."""
     if not 2 <= num_clusters <= len(users):
-        raise ValueError(f"clusters must be between 2 and the number of training users ({len(users)}); got {num_clusters}.")
+        raise ValueError(
+            f"clusters must be between 2 and the number of training users ({len(users)}); got {num_clusters}."
+        )
     kmeans = KMeans(n_clusters=num_clusters, random_state=seed, n_init=KMEANS_N_INIT)
     labels = kmeans.fit_predict(representations.double().numpy())
     return UserClusters(users=users, labels=labels.astype(np.int64), kmeans=kmeans)

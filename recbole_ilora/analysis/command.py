@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-from typing import Sequence
+from collections.abc import Sequence
 
 from recbole_ilora.analysis.pipeline import analyze
 from recbole_ilora.cli import OverrideError, parse_overrides
@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--samples_per_cluster", type=int, default=64, metavar="N",
                         help="training prompts per cluster for its gradient (default 64)")
     parser.add_argument("--batch_size", type=int, default=None, metavar="B",
-                        help="prompts per forward pass (default: the run's train_batch_size)")
+                        help="prompts per forward/backward pass of the gradients (default: the run's train_batch_size)")
     parser.add_argument("--no_progress", action="store_true", help="no progress bars")
     return parser
 

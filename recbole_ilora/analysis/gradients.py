@@ -65,7 +65,8 @@ def cluster_gradients(model, loader, cluster_rows: list[np.ndarray], seed: int, 
     model.training_progress = 1.0
     gradients = []
     try:
-        for cluster, rows in enumerate(tqdm(cluster_rows, desc="Cluster gradients", ncols=100, disable=not show_progress)):
+        progress = tqdm(cluster_rows, desc="Cluster gradients", ncols=100, disable=not show_progress)
+        for cluster, rows in enumerate(progress):
             if len(rows) == 0:
                 raise ValueError(f"Cluster {cluster} has no training samples to take a gradient on.")
             total = [torch.zeros_like(parameter, dtype=torch.float32) for parameter in parameters]
@@ -83,10 +84,12 @@ def cluster_gradients(model, loader, cluster_rows: list[np.ndarray], seed: int, 
     return gradients
 
 
-def gram_matrices(names: list[str], gradients: list[list[torch.Tensor]], rank: int, num_experts: int) -> dict[str, torch.Tensor]:
+def gram_matrices(names: list[str], gradients: list[list[torch.Tensor]], rank: int,
+                  num_experts: int) -> dict[str, torch.Tensor]:
     """``{part: [C, C] float64 Gram matrix}`` of the clusters' gradients on each part (mixed, expert_k)."""
     num_clusters = len(gradients)
-    grams = {part: torch.zeros(num_clusters, num_clusters, dtype=torch.float64) for part in expert_part_names(num_experts)}
+    grams = {part: torch.zeros(num_clusters, num_clusters, dtype=torch.float64)
+             for part in expert_part_names(num_experts)}
     share = rank // num_experts
     for index, name in enumerate(names):
         stacked = torch.stack([cluster[index] for cluster in gradients]).double()  # [C, *shape]
@@ -109,7 +112,9 @@ def gram_matrices(names: list[str], gradients: list[list[torch.Tensor]], rank: i
 
 def _check_rank(name: str, found: int, rank: int) -> None:
     if found != rank:
-        raise ValueError(f"{name} has rank {found}, but the config's lora_rank is {rank}: the expert split would be wrong.")
+        raise ValueError(
+            f"{name} has rank {found}, but the config's lora_rank is {rank}: the expert split would be wrong."
+        )
 
 
 def cosine_similarity(gram: torch.Tensor) -> np.ndarray:

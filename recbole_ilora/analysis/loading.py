@@ -9,6 +9,7 @@ encoder from its cache under ``checkpoint_dir`` (pretrained again, with a log li
 from __future__ import annotations
 
 from dataclasses import dataclass
+from logging import getLogger
 from pathlib import Path
 
 import torch
@@ -18,7 +19,7 @@ from recbole.utils import init_seed
 from recbole_ilora import distributed
 from recbole_ilora.config import Config
 from recbole_ilora.trainer import iLoRATrainer
-from recbole_ilora.utils import get_model, is_plugin_model
+from recbole_ilora.utils import NON_RESULT_KEYS, get_model, is_plugin_model
 
 # Analysis defaults, under the user's --key=value overrides: the same evaluation negatives for every model
 # (drawn per (seed, user), not from the global stream), no generation protocol, no compilation.
@@ -49,19 +50,39 @@ def load_run(path: str | Path, overrides: dict | None = None) -> TrainedRun:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"Checkpoint {path} does not exist: pass a .pth file written by a plugin model's training run.")
+        raise FileNotFoundError(
+            f"Checkpoint {path} does not exist: pass a .pth file written by a plugin model's training run."
+        )
     checkpoint = iLoRATrainer.load_checkpoint(str(path))
     if not isinstance(checkpoint, dict) or not {"config", "state_dict"} <= set(checkpoint):
         found = sorted(checkpoint) if isinstance(checkpoint, dict) else type(checkpoint).__name__
-        raise ValueError(f"{path} is not a training checkpoint of recbole_ilora (expected keys config and state_dict, found {found}).")
+        raise ValueError(
+            f"{path} is not a training checkpoint of recbole_ilora (expected keys config and state_dict, "
+            f"found {found})."
+        )
     saved = checkpoint["config"]
     if not is_plugin_model(saved["model"]):
         raise ValueError(f"{path} holds a {saved['model']} checkpoint; the analysis needs iLoRA, LLaRA or TALLRec.")
     settings = {k: v for k, v in saved.external_config_dict.items() if k not in _PROCESS_KEYS}
-    config = Config(
-        model=saved["model"], dataset=saved["dataset"], config_dict={**settings, **ANALYSIS_SETTINGS, **(overrides or {})}
-    )
+    _warn_about_changed_settings(path, saved, overrides or {})
+    config_dict = {**settings, **ANALYSIS_SETTINGS, **(overrides or {})}
+    config = Config(model=saved["model"], dataset=saved["dataset"], config_dict=config_dict)
     return TrainedRun(path, config, checkpoint["state_dict"])
+
+
+def _warn_about_changed_settings(path: Path, saved, overrides: dict) -> None:
+    # Device, paths, batch sizes of evaluation and display are fine to change; anything else the model was
+    # trained or its gate encoder cached under (metrics and topk included) makes the analysis describe
+    # another setup.
+    harmless = NON_RESULT_KEYS | set(ANALYSIS_SETTINGS) | {"data_path", "eval_batch_size"}
+    changed = {key: value for key, value in overrides.items() if key not in harmless and saved[key] != value}
+    if changed:
+        getLogger().warning(
+            f"Overrides change settings {path.name} was trained with: "
+            + ", ".join(f"{key}: {saved[key]!r} -> {value!r}" for key, value in changed.items())
+            + ". Data settings, metrics and topk also select the cached gate encoder (a new one is pretrained if "
+            "none matches)."
+        )
 
 
 def data_settings(config) -> dict:

@@ -17,6 +17,9 @@ from matplotlib.figure import Figure
 
 from recbole_ilora.utils import atomic_path
 
+# Clusters with fewer users than this are flagged in summary.md: their per-cluster numbers are noisy.
+SMALL_CLUSTER = 5
+
 
 def cluster_names(num_clusters: int) -> list[str]:
     return [f"C{cluster}" for cluster in range(num_clusters)]
@@ -145,7 +148,8 @@ def plot_gate(path: Path, gates: dict[str, dict]) -> Path:
         axis.set_xticks(positions, cluster_names(num_clusters))
         axis.set_ylim(0, 1)
         axis.set_ylabel("gate weight (mean ± std)")
-        axis.set_title(f"{label}: expert weights per user cluster ({stats['verdict'].split(':')[0]})", fontsize="medium")
+        state = stats["verdict"].split(":")[0]
+        axis.set_title(f"{label}: expert weights per user cluster ({state})", fontsize="medium")
         axis.legend(fontsize="small", ncols=min(num_experts + 1, 5))
     return _save(figure, path)
 
@@ -166,7 +170,8 @@ def write_tables_and_figures(out: Path, similarities: dict, gates: dict, cluster
         files.append(write_text(out / "gate_weights.md", gate_frame.to_markdown(index=False, floatfmt=".3f") + "\n"))
         files.append(plot_gate(out / "gate_weights.png", gates))
     files.append(write_csv(out / "cluster_metrics.csv", tables["metrics"], index=False))
-    files.append(write_text(out / "cluster_metrics.md", tables["metrics"].to_markdown(index=False, floatfmt=".4f") + "\n"))
+    metrics_markdown = tables["metrics"].to_markdown(index=False, floatfmt=".4f")
+    files.append(write_text(out / "cluster_metrics.md", metrics_markdown + "\n"))
     return files, tables
 
 
@@ -181,41 +186,83 @@ def _fmt(value) -> str:
 
 
 def summary_markdown(summary: dict, tables: dict[str, pd.DataFrame]) -> str:
-    clustering = summary["clustering"]
-    lines = [
+    checkpoints = ", ".join(f"{item['label']} (`{item['path']}`)" for item in summary["checkpoints"])
+    sections = [
         "# Gradient conflict and gate analysis (iLoRA, Kong et al., NeurIPS 2024)",
-        "",
-        f"Dataset `{summary['dataset']}`; checkpoints: "
-        + ", ".join(f"{item['label']} (`{item['path']}`)" for item in summary["checkpoints"]) + ".",
-        "",
-        "## User clusters",
-        f"KMeans (k={clustering['num_clusters']}, random_state={clustering['seed']}, n_init={clustering['n_init']}) "
-        f"on {clustering['source']}'s frozen SASRec representation of each user's last training sample; "
-        f"{clustering['num_users']} users, sizes {clustering['sizes']}.",
+        f"Dataset `{summary['dataset']}`; checkpoints: {checkpoints}.",
+        _clusters_section(summary["clustering"]),
+        _gradients_section(summary),
+        _gate_section(summary["gate"], tables),
+        "## Test metrics per cluster\n\n" + tables["metrics"].to_markdown(index=False, floatfmt=".4f"),
     ]
+    return "\n\n".join(sections) + "\n"
+
+
+def _clusters_section(clustering: dict) -> str:
+    method = (
+        f"KMeans (k={clustering['num_clusters']}, random_state={clustering['seed']}, n_init={clustering['n_init']}) "
+        f"on {clustering['source']}'s frozen SASRec representation of each user's last training sample: "
+        f"{clustering['num_users']} users, cluster sizes {clustering['sizes']} (clusters.csv)."
+    )
+    lines = ["## User clusters", "", method, ""]
     for label, check in clustering["representation_check"].items():
-        lines.append(f"- {label}: " + ("same representations as the clustering model."
-                                       if check["same"] else f"DIFFERENT representations (max abs difference "
-                                       f"{check['max_abs_difference']:.3g}): its gate reads another SASRec."))
-    if clustering["test_users_without_training_samples"]:
-        lines.append(f"- {clustering['test_users_without_training_samples']} test users had no training sample; "
-                     "they were assigned to the nearest centroid by their test sequence.")
-    lines += ["", "## Gradient similarity between clusters",
-              f"Gradient of the training loss on up to {summary['samples_per_cluster']} training prompts per cluster "
-              f"(used: {summary['samples_used']}); cosine similarity of the flattened LoRA gradients.", "",
-              "| model | part | mean off-diagonal | min off-diagonal | share negative |", "|---|---|---|---|---|"]
+        if check["same"]:
+            lines.append(f"- {label}: the same representations as the clustering model.")
+        else:
+            lines.append(f"- {label}: DIFFERENT representations (max abs difference "
+                         f"{check['max_abs_difference']:.3g}): its gate reads another SASRec than the one the "
+                         "clusters come from.")
+    small = [f"C{cluster}" for cluster, size in enumerate(clustering["sizes"]) if size < SMALL_CLUSTER]
+    if small:
+        lines.append(f"- {', '.join(small)} hold fewer than {SMALL_CLUSTER} users (outliers in representation space): "
+                     "their rows in the tables below rest on few users.")
+    missing = clustering["test_users_without_training_samples"]
+    if missing:
+        lines.append(f"- {missing} test users had no training sample; each went to the nearest centroid of its test "
+                     "sequence's representation.")
+    return "\n".join(lines)
+
+
+def _gradients_section(summary: dict) -> str:
+    method = (
+        f"Gradient of the training loss w.r.t. the LoRA parameters on up to {summary['samples_per_cluster']} "
+        f"training prompts per cluster (used: {summary['samples_used']}); cosine similarity between clusters "
+        "(gradient_similarity.png). Low or negative values between clusters: their updates pull the shared "
+        "parameters in different directions."
+    )
+    lines = [
+        "## Gradient similarity between clusters",
+        "",
+        method,
+        "",
+        "| model | part | mean off-diagonal | min off-diagonal | share of pairs negative |",
+        "|---|---|---|---|---|",
+    ]
     for label, parts in summary["gradient_similarity"].items():
         for part, item in parts.items():
-            lines.append(f"| {label} | {part} | {_fmt(item['mean_off_diagonal'])} | {_fmt(item['min_off_diagonal'])} "
-                         f"| {_fmt(item['share_negative'])} |")
-    lines += ["", "## Gate"]
-    if not summary["gate"]:
-        lines.append("No model with more than one expert: no gate to analyse.")
-    for label, stats in summary["gate"].items():
-        lines += [f"**{label}**: {stats['verdict']}", "",
-                  f"Mean normalised per-user entropy {_fmt(stats['mean_user_entropy'])}, entropy of the mean mixture "
-                  f"{_fmt(stats['mixture_entropy'])}, share of users whose top expert is k: "
-                  + ", ".join(f"{share:.2f}" for share in stats["top_expert_share"]) + ".", "",
-                  tables[f"gate_{label}"].drop(columns="model").to_markdown(index=False, floatfmt=".3f"), ""]
-    lines += ["## Test metrics per cluster", tables["metrics"].to_markdown(index=False, floatfmt=".4f"), ""]
+            lines.append(f"| {label} | {part} | {_fmt(item['mean_off_diagonal'])} | {_fmt(item['min_off_diagonal'])} | "
+                         f"{_fmt(item['share_negative'])} |")
     return "\n".join(lines)
+
+
+def _gate_section(gates: dict, tables: dict[str, pd.DataFrame]) -> str:
+    if not gates:
+        return "## Gate\n\nNo model with more than one expert: no gate to analyse."
+    lines = ["## Gate", ""]
+    for label, stats in gates.items():
+        top_shares = ", ".join(f"{share:.2f}" for share in stats["top_expert_share"])
+        details = (
+            f"Normalised entropy (0: one expert, 1: all equally): per user {_fmt(stats['mean_user_entropy'])} on "
+            f"average, of the mean mixture {_fmt(stats['mixture_entropy'])}. Share of users whose top expert is "
+            f"expert 0..K-1: {top_shares}. Largest difference of an expert's mean weight between clusters: "
+            f"{_fmt(stats['cluster_spread'])} (gate_weights.png)."
+        )
+        lines += [
+            f"**{label}**: {stats['verdict']}",
+            "",
+            details,
+            "",
+            tables[f"gate_{label}"].drop(columns="model").to_markdown(index=False, floatfmt=".3f"),
+            "",
+        ]
+    return "\n".join(lines).rstrip()
