@@ -16,10 +16,11 @@ import os
 from pathlib import Path
 
 import colorlog
+import yaml
 from recbole.utils import get_local_time
 from recbole.utils.logger import RemoveColorFilter, log_colors_config
 
-from recbole_ilora.utils import fingerprint
+from recbole_ilora.utils import fingerprint, properties_dir
 
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR,
           "critical": logging.CRITICAL}
@@ -27,6 +28,12 @@ LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNI
 
 def output_root(config) -> Path:
     return Path(config["output_root"] or ".")
+
+
+def default_output_root() -> Path:
+    """``output_root`` of ``properties/overall.yaml``, for outputs written outside a run's Config (leaderboards)."""
+    with open(properties_dir() / "overall.yaml", encoding="utf-8") as handle:
+        return Path(yaml.safe_load(handle).get("output_root") or ".")
 
 
 def resolve_checkpoint_dir(config) -> Path:

@@ -25,7 +25,8 @@ PLUGIN_TRAINER_MODULE = "recbole_ilora.trainer"
 # Settings that change what a run prints or where it writes, never its metrics: they stay out of every
 # cache key and results hash, so turning progress bars on or moving outputs re-runs nothing.
 NON_RESULT_KEYS = frozenset(
-    {"show_progress", "state", "checkpoint_dir", "output_root", "gpu_id", "use_gpu", "worker", "log_wandb"}
+    {"show_progress", "state", "checkpoint_dir", "output_root", "gpu_id", "use_gpu", "worker", "log_wandb",
+     "resume", "checkpoint_every_steps"}
 )
 
 

@@ -240,8 +240,8 @@ def test_uni19_needs_19_unseen_items_per_user(tmp_path):
 
 def test_topk_beyond_the_uniN_candidates(tmp_path):
     message = pool_refusal(write_pool(tmp_path, 24, 10), eval_args={"mode": "uni5"})
-    assert "ranks 6 candidates, so Hit@10 would be 1 for every user" in message
-    assert "Lower topk to at most 5" in message
+    assert "ranks 6 candidates, fewer than the top 10 asked for" in message
+    assert "Lower topk to at most 6" in message
 
 
 def test_num_candidates_needs_enough_negatives(tmp_path):

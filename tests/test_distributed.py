@@ -135,7 +135,7 @@ def test_two_processes_match_one_process(overrides, tmp_path):
 
     # Training: all-reduced gradients of every trainable tensor equal the accumulated ones.
     assert ranks[0]["grads"].keys() == single["grads"].keys() == single["weights"].keys()
-    assert any(n.startswith("gate.") for n in single["grads"]) and any(n.startswith("projector.") for n in single["grads"])
+    assert any(n.startswith("lm.gate.") for n in single["grads"]) and any(n.startswith("projector.") for n in single["grads"])
     for name, grad in single["grads"].items():
         assert grad.abs().sum() > 0, name
         for out in ranks:

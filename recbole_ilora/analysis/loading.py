@@ -16,8 +16,9 @@ import torch
 from recbole.data import create_dataset, data_preparation
 from recbole.utils import init_seed
 
-from recbole_ilora import distributed
 from recbole_ilora.config import Config
+from recbole_ilora.distributed.launch import LAUNCH_KEYS
+from recbole_ilora.evaluation import prepare_eval_loaders
 from recbole_ilora.trainer import iLoRATrainer
 from recbole_ilora.utils import NON_RESULT_KEYS, get_model, is_plugin_model
 
@@ -26,7 +27,7 @@ from recbole_ilora.utils import NON_RESULT_KEYS, get_model, is_plugin_model
 ANALYSIS_SETTINGS = {"fixed_eval_negatives": True, "eval_generate": False, "compile": False}
 
 # Settings of a multi-process training run that do not apply to a single-process analysis.
-_PROCESS_KEYS = ("local_rank",) + distributed.LAUNCH_KEYS
+_PROCESS_KEYS = ("local_rank",) + LAUNCH_KEYS
 
 
 @dataclass
@@ -108,7 +109,7 @@ def build_data(config):
     init_seed(config["seed"], config["reproducibility"])
     dataset = create_dataset(config)
     train_data, valid_data, test_data = data_preparation(config, dataset)
-    distributed.prepare_eval_loaders(config, valid_data, test_data)
+    prepare_eval_loaders(config, valid_data, test_data)
     return dataset, train_data, valid_data, test_data
 
 

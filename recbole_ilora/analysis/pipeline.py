@@ -35,8 +35,18 @@ from recbole_ilora.analysis.clustering import (
     sequence_representations,
 )
 from recbole_ilora.analysis.gate import COLLAPSE_ENTROPY, gate_statistics, gate_weights
-from recbole_ilora.analysis.gradients import cluster_gradients, off_diagonal_summary, similarity_matrices
-from recbole_ilora.analysis.loading import build_data, build_model, check_same_data, load_run, run_label
+from recbole_ilora.analysis.gradients import (
+    cluster_gradients,
+    off_diagonal_summary,
+    similarity_matrices,
+)
+from recbole_ilora.analysis.loading import (
+    build_data,
+    build_model,
+    check_same_data,
+    load_run,
+    run_label,
+)
 
 # Representations of two models' gate encoders count as the same within this tolerance.
 SAME_REPRESENTATION_ATOL = 1e-5

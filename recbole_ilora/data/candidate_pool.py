@@ -80,10 +80,10 @@ def check_dataset(dataset, config) -> None:
         if not isinstance(sample_num, int):
             continue  # full ranking or labelled data: no sampled negatives
         mode = config["eval_args"]["mode"][phase]
-        if topk > sample_num:
+        if topk > sample_num + 1:
             raise DatasetError(
                 f"Dataset '{name}': topk={config['topk']} with eval_args mode {phase}: {mode} ranks {sample_num + 1} "
-                f"candidates, so Hit@{topk} would be 1 for every user. Lower topk to at most {sample_num}, or "
+                f"candidates, fewer than the top {topk} asked for. Lower topk to at most {sample_num + 1}, or "
                 f"sample more negatives."
             )
         short = unseen < sample_num

@@ -46,7 +46,7 @@ def export_leaderboard(
             f"No finished run of this grid in {store.path} ({other} ok records of other configurations there). "
             "Run the grid first, or pass the same --key=value overrides and --config_files it was run with."
         )
-    output_dir = Path(output_dir or spec.output_dir)
+    output_dir = Path(output_dir or spec.results_dir(cli_overrides))
     paths = export_tables(board, output_dir)
     paths["png"] = plot_leaderboard(board, output_dir / "leaderboard.png")
     print("Leaderboard written:\n" + "\n".join(f"  {fmt:8s} {path}" for fmt, path in paths.items()))

@@ -52,7 +52,7 @@ def run_leaderboard_jobs(
     Returns ``{"results": results file, "exports": {format: path}, "failed_jobs": [shard indices]}``.
     """
     spec = load_grid_spec(grid_path)
-    store = ResultsStore(results_path or Path(spec.output_dir) / RESULTS_FILE_NAME)
+    store = ResultsStore(results_path or spec.results_dir(cli_overrides) / RESULTS_FILE_NAME)
     store.path.parent.mkdir(parents=True, exist_ok=True)
     run_id = uuid.uuid4().hex[:12]
     processes, logs = [], []

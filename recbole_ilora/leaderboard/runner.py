@@ -168,7 +168,7 @@ def run_grid(
     dynamically (:meth:`ResultsStore.claim`) instead, which balances cells of unequal cost.
     """
     index, count = parse_shard(shard)
-    store = ResultsStore(results_path or Path(spec.output_dir) / RESULTS_FILE_NAME)
+    store = ResultsStore(results_path or spec.results_dir(cli_overrides) / RESULTS_FILE_NAME)
     trials = spec.tuning_cells(cli_overrides, config_files)
     done = store.finished_ok()
     pending_trials = [cell for cell in trials if cell.key not in done]
@@ -299,7 +299,7 @@ def run_leaderboard(
     Returns ``{"results": results file, "exports": {format: path}, "failed": [failed records]}``.
     """
     spec = load_grid_spec(grid_path)
-    store = ResultsStore(results_path or Path(spec.output_dir) / RESULTS_FILE_NAME)
+    store = ResultsStore(results_path or spec.results_dir(cli_overrides) / RESULTS_FILE_NAME)
     failed = []
     if not export_only:
         run = run_grid(spec, store.path, cli_overrides, config_files, saved=saved, runner=runner, shard=shard,

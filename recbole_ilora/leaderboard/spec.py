@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterable
 
 import yaml
@@ -37,6 +38,7 @@ from recbole.config import Config as RecBoleConfig
 
 from recbole_ilora.leaderboard.store import config_hash, record_key
 from recbole_ilora.leaderboard.tuning import TuneSpec, TuningResult, choose_trials
+from recbole_ilora.outputs import default_output_root
 
 logger = logging.getLogger(__name__)
 
@@ -166,6 +168,12 @@ class GridSpec:
                     f"`cell_overrides[{index}]` has unknown keys {sorted(unknown)}; allowed: {sorted(CELL_OVERRIDE_KEYS)}."
                 )
             _refuse_seed(entry["overrides"], f"cell_overrides[{index}].overrides")
+
+    def results_dir(self, cli_overrides: dict | None = None) -> Path:
+        """``output_dir`` under the runs' ``output_root`` (command line, then the grid's overrides, then the
+        default ``outputs``), unless absolute: a grid's results sit with its runs' logs and checkpoints."""
+        root = (cli_overrides or {}).get("output_root") or self.overrides.get("output_root") or default_output_root()
+        return Path(root) / self.output_dir
 
     @property
     def tuned_models(self) -> list[str]:

@@ -185,7 +185,8 @@ class iLoRA(SequentialRecommender):
         text_only = self.curriculum and torch.rand(()).item() < 1.0 - self.training_progress
         prompts = self.prompt.build(history, present, candidates, template,
                                     with_behaviour=self.use_behaviour_tokens and not text_only, target=target)
-        self.last_batch_tokens = prompts.lengths.sum()  # for throughput reports (a tensor: no GPU sync here)
+        # For throughput reports: tokens and token slots (with padding) of the batch; tensors, so no GPU sync.
+        self.last_batch_tokens, self.last_batch_slots = prompts.lengths.sum(), prompts.input_ids.numel()
         gate_input = self._gate_input(interaction)
         with self.lm.autocast():
             hidden = self.lm(gate_input, inputs_embeds=self._input_embeddings(prompts),
