@@ -318,9 +318,10 @@ def bench_fullrank(overrides, args, train, test, device):
     titles = model.prompt.titles[1:]
     synthetic = [""] + [titles[i % len(titles)] + ("" if i < len(titles) else f" {i // len(titles) + 1}")
                         for i in range(args.synthetic_items)]
-    templates = load_templates(model.config["prompt_file"], model.config["prompt_domain"])
+    config = Config(model="iLoRA", dataset=args.dataset, config_dict=overrides)
+    templates = load_templates(config["prompt_file"], config["prompt_domain"])
     model.prompt = model.scorer.prompt = PromptBuilder(
-        model.prompt.tokenizer, synthetic, templates, model.num_candidates, model.config["max_title_tokens"],
+        model.prompt.tokenizer, synthetic, templates, model.num_candidates, config["max_title_tokens"],
         pad_to_multiple_of=model.prompt.pad_to_multiple_of).to(device)
     model.n_items = args.synthetic_items + 1
     measure = min(args.synthetic_users, args.synthetic_measure_users)

@@ -110,14 +110,24 @@ def _train_and_test(config, saved, queue):
 
     if config["resume"]:
         resume_training(trainer, config["resume"])  # exact resume of an interrupted run (plugin models)
+    curve, progress = [], distributed.show_progress(config)
     start = time.perf_counter()
-    best_valid_score, best_valid_result = trainer.fit(
-        train_data, valid_data, saved=saved, show_progress=distributed.show_progress(config)
-    )
+    if config["eval_checkpoint"]:
+        # A trained checkpoint, evaluated as it is (e.g. with another score_aggregation): no training.
+        model_file = config["eval_checkpoint"]
+        best_valid_result = trainer.evaluate(valid_data, model_file=model_file, show_progress=progress)
+        best_valid_score = best_valid_result[config["valid_metric"].lower()]
+    else:
+        model_file = None
+        best_valid_score, best_valid_result = trainer.fit(
+            train_data, valid_data, saved=saved, show_progress=progress,
+            callback_fn=_learning_curve_recorder(trainer, test_data, curve) if config["learning_curve"] else None,
+        )
     train_time = time.perf_counter() - start
 
     start = time.perf_counter()
-    test_result = trainer.evaluate(test_data, load_best_model=saved, show_progress=distributed.show_progress(config))
+    test_result = trainer.evaluate(test_data, load_best_model=saved or model_file is not None, model_file=model_file,
+                                   show_progress=progress)
     eval_time = time.perf_counter() - start
     test_per_user = per_user_metrics(config, trainer.evaluator.last_struct)
 
@@ -137,12 +147,31 @@ def _train_and_test(config, saved, queue):
         "eval_time_s": eval_time,
         "peak_memory_gib": _peak_memory_gib(config["device"]),
         "device": str(config["device"]),
+        "learning_curve": curve,
     }
     if not config["single_spec"]:
         torch.distributed.destroy_process_group()
     if config["local_rank"] == 0 and queue is not None:
         queue.put(result)
     return result
+
+
+def _learning_curve_recorder(trainer, test_data, curve: list):
+    """``learning_curve: true``: after every validation, the test metrics of the current weights.
+
+    For the curves of a report, not for model selection (that stays on validation). Evaluation draws no
+    random numbers that training would see (fixed candidates, and the global streams are restored).
+    """
+
+    def record(epoch_idx, valid_score):
+        with isolated_rng():
+            test = plain(trainer.evaluate(test_data, load_best_model=False))
+        point = {"epoch": epoch_idx + 1, "optimizer_steps": getattr(trainer, "global_step", None),
+                 "valid_score": plain(valid_score), "test_result": test}
+        curve.append(point)
+        getLogger().info(set_color("learning curve", "blue") + f": {point}")
+
+    return record
 
 
 def _warn_if_slow(model, train_data, config) -> None:

@@ -161,3 +161,26 @@ def test_same_metrics_whether_the_gate_encoder_is_pretrained_or_cached(tiny_setu
     warm = run_recbole_ilora("iLoRA", "ml-100k-slice", config_dict=overrides)
     assert cold["test_result"] == warm["test_result"]
     assert cold["best_valid_result"] == warm["best_valid_result"]
+
+
+def test_learning_curve_records_test_metrics_without_changing_the_run(tiny_setup, tmp_path):
+    overrides = {**tiny_setup[0], "epochs": 2, "limit_train_batches": 2, "stopping_step": 10}
+    plain = run_recbole_ilora("iLoRA", "ml-100k-slice", config_dict=overrides)
+    curve = run_recbole_ilora("iLoRA", "ml-100k-slice", config_dict={**overrides, "learning_curve": True})
+    assert plain["learning_curve"] == [] and [p["epoch"] for p in curve["learning_curve"]] == [1, 2]
+    assert curve["test_result"] == plain["test_result"]  # recording the curve does not change training
+    last = curve["learning_curve"][-1]
+    assert set(last["test_result"]) == set(plain["test_result"]) and last["optimizer_steps"] == 4
+
+
+def test_a_saved_checkpoint_is_evaluated_again_bit_identically(tiny_setup, tmp_path):
+    overrides = {**tiny_setup[0], "limit_train_batches": 2, "checkpoint_dir": str(tmp_path / "saved")}
+    trained = run_recbole_ilora("iLoRA", "ml-100k-slice", config_dict=overrides)
+    checkpoint = next(path for path in (tmp_path / "saved").glob("iLoRA-*.pth"))
+    again = [run_recbole_ilora("iLoRA", "ml-100k-slice", config_dict={**overrides, "eval_checkpoint": str(checkpoint)})
+             for _ in range(2)]
+    assert again[0]["test_result"] == again[1]["test_result"] == trained["test_result"]
+    assert again[0]["best_valid_result"] == trained["best_valid_result"]
+    summed = run_recbole_ilora("iLoRA", "ml-100k-slice",
+                               config_dict={**overrides, "eval_checkpoint": str(checkpoint), "score_aggregation": "sum"})
+    assert summed["test_result"] != trained["test_result"]  # the same weights, ranked by another score
