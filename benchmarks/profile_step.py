@@ -1,7 +1,7 @@
 """torch.profiler view of iLoRA training steps or scoring (what limits throughput).
 
     python benchmarks/profile_step.py --llm_path=smollm2-135m --batch_size=32              # training steps
-    python benchmarks/profile_step.py --llm_path=smollm2-135m --section eval --compile     # scoring
+    python benchmarks/profile_step.py --llm_path=smollm2-135m --section eval --compile=only  # scoring
 
 ``--section eval`` profiles uni19 ``predict`` batches (``--eval_users`` users, ``--eval_batch_users``
 per batch) and one ``full_sort_predict`` chunk (``--fullrank_batch_users`` users, every item), after
@@ -23,9 +23,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from throughput import build, eval_batches, model_step, parse_args, setup, train_batches, user_rows  # noqa: E402
-
-from recbole_ilora.model.ilora import iLoRA  # noqa: E402
+from throughput import build, eval_batches, first_batches, model_step, parse_args, setup, user_rows  # noqa: E402
 
 # Operators that make the host wait for the device (on GPU): scalar reads (.item(), int(), bool()) and
 # data-dependent output sizes (boolean-mask indexing, nonzero). On GPU, the CUDA runtime's
@@ -56,7 +54,7 @@ def profiled(fn, title: str) -> None:
 
 def profile_training(model, train, args) -> None:
     step = model_step(model)
-    batches = train_batches(train, 6)
+    batches = first_batches(train, 6)
     for batch in batches[:3]:
         step(batch)
     profiled(lambda: [step(batch) for batch in batches[3:]], "training steps")
@@ -83,7 +81,7 @@ def main(argv=None):
     args = parse_args(rest)
     overrides, config, train, test = setup(args)
     device = torch.device(config["device"])
-    model = build(iLoRA, overrides, args, train, num_experts=args.num_experts)
+    model = build("iLoRA", overrides, args, train, compiled=args.compile == "only")
     if own.section == "train":
         profile_training(model, train, args)
     else:

@@ -237,7 +237,9 @@ def bench_training(overrides, args, train, device):
                 model = build(variant, overrides, args, train, compiled)
                 rows.append(bench_steps(f"{variant} (K={model.num_experts}), {mode}", model_step(model), batches, args, device))
             del model
-    if args.liger:
+    if args.liger and device.type != "cuda":
+        rows.append({"variant": "iLoRA (K=4), eager + liger-kernel: skipped (Triton kernels need a GPU)"})
+    elif args.liger:
         model = build("iLoRA", overrides, args, train)
         apply_liger(model)
         rows.append(bench_steps("iLoRA (K=4), eager + liger-kernel", model_step(model), batches, args, device))

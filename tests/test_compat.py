@@ -76,7 +76,7 @@ def test_torch_weights_only_fix(ml100k_slice, tmp_path, monkeypatch):
                     config_dict={**ml100k_slice, "epochs": 1, "checkpoint_dir": str(tmp_path)})
     dataset = create_dataset(config)
     train, valid, test = data_preparation(config, dataset)
-    trainer = Trainer(config, GRU4Rec(config, train._dataset))
+    trainer = Trainer(config, GRU4Rec(config, train._dataset).to(config["device"]))  # the GPU when there is one
     trainer.fit(train, valid, saved=True)
     result = trainer.evaluate(test, load_best_model=True)  # reloads the pickled-Config checkpoint
     assert 0.0 <= result["hit@10"] <= 1.0

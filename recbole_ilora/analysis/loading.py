@@ -19,6 +19,7 @@ from recbole.utils import init_seed
 from recbole_ilora.config import Config
 from recbole_ilora.distributed.launch import LAUNCH_KEYS
 from recbole_ilora.evaluation import prepare_eval_loaders
+from recbole_ilora.outputs import resolve_checkpoint_dir
 from recbole_ilora.trainer import iLoRATrainer
 from recbole_ilora.utils import NON_RESULT_KEYS, get_model, is_plugin_model
 
@@ -68,6 +69,7 @@ def load_run(path: str | Path, overrides: dict | None = None) -> TrainedRun:
     _warn_about_changed_settings(path, saved, overrides or {})
     config_dict = {**settings, **ANALYSIS_SETTINGS, **(overrides or {})}
     config = Config(model=saved["model"], dataset=saved["dataset"], config_dict=config_dict)
+    resolve_checkpoint_dir(config)  # where the run cached its gate encoder, as quick_start resolved it
     return TrainedRun(path, config, checkpoint["state_dict"])
 
 
