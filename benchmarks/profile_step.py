@@ -77,11 +77,12 @@ def profile_eval(model, test, args, device) -> None:
 def main(argv=None):
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--section", choices=("train", "eval"), default="train")
+    parser.add_argument("--model", default="iLoRA", help="iLoRA, LLaRA or TALLRec")
     own, rest = parser.parse_known_args(argv)
     args = parse_args(rest)
     overrides, config, train, test = setup(args)
     device = torch.device(config["device"])
-    model = build("iLoRA", overrides, args, train, compiled=args.compile == "only")
+    model = build(own.model, overrides, args, train, compiled=args.compile == "only")
     if own.section == "train":
         profile_training(model, train, args)
     else:
