@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 SCORE_AGGREGATIONS = ("mean", "sum", "first", "d3")
+LOGIT_BLOCK_TOKENS = 4096
 
 
 @dataclass
@@ -78,12 +79,12 @@ class PackedScorer:
     ``lm``: the :class:`~recbole_ilora.expert_lora.ExpertLoraModel`; ``prompt``: the
     :class:`~recbole_ilora.prompt.PromptBuilder` (answer tokens of every item); ``pack_tokens``: about
     how many candidate tokens follow one copy of the prompt. uniN candidates fit in one pack, so each
-    prompt is encoded once; a full ranking re-encodes the prompt once per pack, and attention inside a
-    pack is dense (block-diagonal by mask): a thousand or so tokens keep both costs small while the
-    batch of prompts keeps the matrix products large.
+    prompt is encoded once; a full ranking re-encodes the prompt once per pack. Larger packs mean fewer,
+    larger decoder calls (on a GPU, a full ranking of small packs was bound by the host launching them)
+    at the price of dense attention inside a pack (block-diagonal by mask), quadratic in its length.
     """
 
-    def __init__(self, lm, prompt, pack_tokens: int = 1024, aggregation: str = "mean", ghost_token_threshold: float = 0.9):
+    def __init__(self, lm, prompt, pack_tokens: int = 2048, aggregation: str = "mean", ghost_token_threshold: float = 0.9):
         if aggregation not in SCORE_AGGREGATIONS:
             raise ValueError(f"score_aggregation must be one of {SCORE_AGGREGATIONS}, got {aggregation!r}.")
         if not 0 < ghost_token_threshold < 1:
@@ -151,9 +152,18 @@ class PackedScorer:
         # would wait for the device to learn their number.
         rows = torch.repeat_interleave(torch.arange(groups, device=device), counts, output_size=num_valid)
         cols = torch.arange(num_valid, device=device) - (torch.cumsum(counts, 0) - counts)[rows]
-        log_probs = -F.cross_entropy(self.lm.lm_head(previous[rows, cols]).float(), ids[rows, cols], reduction="none")
+        log_probs = self._token_log_probs(previous[rows, cols], ids[rows, cols])
         slot_of_token = rows * slots + segment[rows, cols]
         return self._aggregate(log_probs, slot_of_token, offset[rows, cols], groups * slots).view(groups, slots)
+
+    def _token_log_probs(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """``log p(target | hidden)`` per token, the vocabulary-wide logits computed a block of tokens at a time
+        (a pack of a full ranking holds tens of thousands of candidate tokens: all their logits at once
+        would take gigabytes)."""
+        return torch.cat([
+            -F.cross_entropy(self.lm.lm_head(block).float(), block_targets, reduction="none")
+            for block, block_targets in zip(hidden.split(LOGIT_BLOCK_TOKENS), targets.split(LOGIT_BLOCK_TOKENS))
+        ])
 
     def _aggregate(self, log_probs, slot_of_token, offset, num_slots: int) -> torch.Tensor:
         def per_slot(values):

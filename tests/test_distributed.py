@@ -10,6 +10,7 @@ token weighting: one process with one batch of 4x the size weights tokens, not m
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -119,7 +120,14 @@ def test_two_processes_match_one_process(overrides, tmp_path):
     loader = iter(train)
     micro_batches = [next(loader) for _ in range(4)]
     torch.save(micro_batches, tmp_path / "batches.pth")
-    single = evaluate_then_step(config, iLoRATrainer, micro_batches, [0, 1, 2, 3])
+    # With as many threads as each of the two ranks gets: CPU kernels split their sums by thread, so other
+    # thread counts round differently (seen on a 16-core machine).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // 2))
+    try:
+        single = evaluate_then_step(config, iLoRATrainer, micro_batches, [0, 1, 2, 3])
+    finally:
+        torch.set_num_threads(threads)
 
     # Two processes (gloo), 2 accumulation steps each: rank r gets micro-batches r and r + 2;
     # fixed_eval_negatives (the default): the same candidates per user whatever the split into ranks.
