@@ -57,8 +57,9 @@ def gate_encoder_checkpoint(config) -> Path:
     if path.is_file():
         getLogger().info(f"Reusing the pretrained gate encoder {path}")
         return path
-    # Pretraining happens only on a cache miss: it must not shift the random draws of the run that follows.
-    with isolated_rng():
+    # Pretraining happens only on a cache miss: it must not shift the random draws of the run that follows,
+    # and it trains even when the model is built under torch.no_grad() (evaluation scripts).
+    with isolated_rng(), torch.enable_grad():
         return _pretrain(config["dataset"], settings, path)
 
 
