@@ -13,9 +13,9 @@ scoring run the same (compiled) decoder call.
 A candidate's score aggregates the log-probabilities of its answer tokens (``title + newline``),
 ``score_aggregation``:
 
-- ``mean`` (default): length-normalised log-likelihood; titles of any length compete evenly;
-- ``sum``: the log-likelihood of the whole answer, the probability that the LLM writes exactly it;
-  shorter titles are favoured;
+- ``sum`` (default): the log-likelihood of the whole answer, the probability that the LLM writes
+  exactly it; shorter titles are favoured. Chosen on validation over the others (see the README);
+- ``mean``: length-normalised log-likelihood; titles of any length compete evenly;
 - ``first``: the first answer token only (one step of generation);
 - ``d3``: the sum divided by the number of answer tokens the LLM was *not* sure of (probability below
   ``ghost_token_threshold``). Tokens it predicts almost surely ("ghost tokens": the rest of a
@@ -84,7 +84,7 @@ class PackedScorer:
     at the price of dense attention inside a pack (block-diagonal by mask), quadratic in its length.
     """
 
-    def __init__(self, lm, prompt, pack_tokens: int = 2048, aggregation: str = "mean", ghost_token_threshold: float = 0.9):
+    def __init__(self, lm, prompt, pack_tokens: int = 2048, aggregation: str = "sum", ghost_token_threshold: float = 0.9):
         if aggregation not in SCORE_AGGREGATIONS:
             raise ValueError(f"score_aggregation must be one of {SCORE_AGGREGATIONS}, got {aggregation!r}.")
         if not 0 < ghost_token_threshold < 1:

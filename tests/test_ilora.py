@@ -184,3 +184,10 @@ def test_a_saved_checkpoint_is_evaluated_again_bit_identically(tiny_setup, tmp_p
     summed = run_recbole_ilora("iLoRA", "ml-100k-slice",
                                config_dict={**overrides, "eval_checkpoint": str(checkpoint), "score_aggregation": "sum"})
     assert summed["test_result"] != trained["test_result"]  # the same weights, ranked by another score
+
+
+def test_gate_encoder_pretrains_when_the_model_is_built_without_gradients(tiny_setup, tmp_path):
+    """Evaluation scripts build models under torch.no_grad(); a cache miss must still train the SASRec."""
+    with torch.no_grad():
+        model, _ = make_tiny_model(tiny_setup, checkpoint_dir=str(tmp_path / "saved"))
+    assert list((tmp_path / "saved" / "gate_encoders").glob("*.pth")) and model.gate_encoder is not None

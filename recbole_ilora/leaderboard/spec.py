@@ -39,6 +39,7 @@ from recbole.config import Config as RecBoleConfig
 from recbole_ilora.leaderboard.store import config_hash, record_key
 from recbole_ilora.leaderboard.tuning import TuneSpec, TuningResult, choose_trials
 from recbole_ilora.outputs import default_output_root
+from recbole_ilora.utils import resolve_properties_path
 
 logger = logging.getLogger(__name__)
 
@@ -343,7 +344,13 @@ def _refuse_seed(overrides: dict, where: str) -> None:
 
 
 def load_grid_spec(path: str | os.PathLike) -> GridSpec:
-    """Read a grid YAML file (with RecBole's YAML loader, so ``1e-4`` is a float as in RecBole configs)."""
+    """Read a grid YAML file (with RecBole's YAML loader, so ``1e-4`` is a float as in RecBole configs).
+
+    ``properties/leaderboard.yaml`` is found inside the installed package when not in the working directory.
+    """
+    path = resolve_properties_path(path)
+    if not path.is_file():
+        raise GridSpecError(f"Grid file {path} does not exist.")
     with open(path, encoding="utf-8") as handle:
         raw = yaml.load(handle, Loader=RecBoleConfig._build_yaml_loader(None))
     if not isinstance(raw, dict):
