@@ -144,3 +144,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
         return run_from_command_line(args.model, args.dataset, config_files, overrides, saved=not args.no_save)
     except (ConfigError, DatasetError) as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
+
+
+def console_entry_point() -> int:
+    """The ``run_recbole_ilora`` command: :func:`main` without its return value (a non-None value would be
+    printed by the console-script wrapper and turned into exit status 1)."""
+    main()
+    return 0

@@ -82,3 +82,10 @@ def test_cli_prints_one_clear_error_and_exits_2(argument, capsys):
     assert exit_info.value.code == 2
     error = capsys.readouterr().err
     assert "error:" in error and "Traceback" not in error and argument[2:].split("=")[0] in error
+
+
+def test_console_script_exits_zero_without_printing_the_result(monkeypatch):
+    from recbole_ilora import cli
+
+    monkeypatch.setattr(cli, "main", lambda: {"test_result": {"hit@1": 0.5}})
+    assert cli.console_entry_point() == 0
