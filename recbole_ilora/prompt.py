@@ -23,6 +23,8 @@ from torch import nn
 from recbole_ilora.utils import properties_dir
 
 TEXT, BEHAVIOUR, ANSWER = 0, 1, 2  # token kinds
+USER = -1  # behaviour_items value of the user token's placeholder (items are >= 0)
+USER_TOKEN_TEXT = (" (this user's taste:", ")")  # around the user token, after the history
 
 
 @dataclass
@@ -87,6 +89,9 @@ class PromptBuilder(nn.Module):
         self.register_buffer("title_len", title_len, persistent=False)
         self.register_buffer("separator_ids", torch.tensor(encode([item_separator])[0], dtype=torch.long), persistent=False)
         self.register_buffer("answer_end_ids", torch.tensor(encode(["\n"])[0], dtype=torch.long), persistent=False)
+        user_open, user_close = encode(list(USER_TOKEN_TEXT))
+        self.register_buffer("user_open_ids", torch.tensor(user_open, dtype=torch.long), persistent=False)
+        self.register_buffer("user_close_ids", torch.tensor(user_close, dtype=torch.long), persistent=False)
 
         self.titles = list(titles)
         self.template_texts = list(templates["candidates"]) + [templates["ranking"]]
@@ -157,6 +162,15 @@ class PromptBuilder(nn.Module):
         flat = lambda t: t.reshape(batch, -1)  # noqa: E731
         return flat(ids), flat(valid), flat(behaviour_items), flat(kind)
 
+    def _user(self, batch: int, device):
+        """`` (this user's taste: [emb])`` after the history: one placeholder for the user's representation."""
+        ids = torch.cat([self.user_open_ids, torch.tensor([self.pad_id], device=device), self.user_close_ids])
+        kind = torch.full_like(ids, TEXT)
+        kind[self.user_open_ids.numel()] = BEHAVIOUR
+        items = torch.where(kind == BEHAVIOUR, USER, 0)
+        expand = lambda t: t.expand(batch, -1)  # noqa: E731
+        return expand(ids), torch.ones(batch, ids.numel(), dtype=torch.bool, device=device), expand(items), expand(kind)
+
     def _answer(self, target: torch.Tensor):
         title = self.title_ids[target]
         valid = torch.arange(title.shape[1], device=title.device) < self.title_len[target][:, None]
@@ -191,15 +205,20 @@ class PromptBuilder(nn.Module):
         with_behaviour: bool = True,
         target: torch.Tensor | None = None,
         candidates_present: torch.Tensor | None = None,
+        user_token: bool = False,
     ) -> Prompts:
         """Assemble prompts for a batch.
 
         history/history_present: ``[B, H]`` item ids and which slots hold an item. candidates:
         ``[B, C]`` or None (ranking template, no list), candidates_present which of them to show
         (default all). template: ``[B]`` template index. target:
-        ``[B]`` item whose title (+ newline) is appended as the answer, or None.
+        ``[B]`` item whose title (+ newline) is appended as the answer, or None. user_token: one more
+        behavioural placeholder after the history, for the user's own representation (``USER``).
         """
-        segments = [self._text(template, 0), self._items(history, history_present, with_behaviour), self._text(template, 1)]
+        segments = [self._text(template, 0), self._items(history, history_present, with_behaviour)]
+        if user_token:
+            segments.append(self._user(history.shape[0], history.device))
+        segments.append(self._text(template, 1))
         if candidates is not None:
             if candidates_present is None:
                 candidates_present = torch.ones_like(candidates, dtype=torch.bool)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from recbole_ilora.prompt import BEHAVIOUR
+from recbole_ilora.prompt import BEHAVIOUR, USER
 from recbole_ilora.quick_start import run_recbole_ilora
 from recbole_ilora.trainer import iLoRATrainer
 from tests.helpers import first_batch, make_tiny_model, randomize_lora_b
@@ -191,3 +191,27 @@ def test_gate_encoder_pretrains_when_the_model_is_built_without_gradients(tiny_s
     with torch.no_grad():
         model, _ = make_tiny_model(tiny_setup, checkpoint_dir=str(tmp_path / "saved"))
     assert list((tmp_path / "saved" / "gate_encoders").glob("*.pth")) and model.gate_encoder is not None
+
+
+def test_user_token_carries_the_projected_sequence_representation(tiny_setup):
+    model, _ = make_tiny_model(tiny_setup, user_token=True)
+    interaction = first_batch(tiny_setup[2])
+    history, present = model._recent_history(interaction)
+    template = torch.zeros(len(interaction), dtype=torch.long)
+    prompts = model.prompt.build(history, present, None, template, True, user_token=True)
+    text = model.prompt.decode(prompts, 0)
+    assert "(this user's taste: [emb])" in text and text.index("taste") > text.index(model.prompt.titles[int(history[0][present[0]][-1])])
+    user_positions = prompts.behaviour_items == USER
+    assert user_positions.sum(1).tolist() == [1] * len(interaction)  # one user token per prompt
+    user_repr = model.sequence_representation(interaction)
+    with torch.no_grad():
+        embeddings = model._input_embeddings(prompts, user_repr)
+        expected = model.projector(user_repr.float())
+    torch.testing.assert_close(embeddings[user_positions], expected)
+    plain = model.prompt.build(history, present, None, template, True)
+    assert prompts.input_ids.shape[1] > plain.input_ids.shape[1] and not (plain.behaviour_items == USER).any()
+    model.curriculum = False
+    model.calculate_loss(interaction).backward()  # trains through the user token too
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.projector.parameters())
+    with pytest.raises(ValueError, match="user_token needs use_behaviour_tokens"):
+        make_tiny_model(tiny_setup, "TALLRec", user_token=True)

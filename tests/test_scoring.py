@@ -18,19 +18,21 @@ def reference_token_log_probs(model, interaction, group: int, slot: int) -> torc
     ids, valid = model.prompt.answer_tokens(groups.items[group, slot : slot + 1])
     answer = ids[0, valid[0]]
     length = int(prompts.lengths[group])
-    gate_input = model._gate_input(interaction[groups.first_row])
+    user_repr = model._user_repr(interaction[groups.first_row])
+    gate_input = model._gate_input(user_repr)
     gate_input = None if gate_input is None else gate_input[group : group + 1]
-    embeds = model._input_embeddings(prompts)[group : group + 1, :length]
+    embeds = model._input_embeddings(prompts, user_repr)[group : group + 1, :length]
     full = torch.cat([embeds, model.lm.embed_tokens(answer)[None]], 1)
     hidden = model.lm(gate_input, inputs_embeds=full).last_hidden_state
     logits = model.lm.lm_head(hidden)[0, length - 1 : -1]
     return torch.log_softmax(logits.float(), -1).gather(1, answer[:, None])[:, 0]
 
 
-@pytest.mark.parametrize("aggregation", SCORE_AGGREGATIONS)
-def test_packed_scores_equal_each_candidate_scored_alone(tiny_setup, aggregation):
+@pytest.mark.parametrize("aggregation, user_token", [(a, False) for a in SCORE_AGGREGATIONS] + [("sum", True)])
+def test_packed_scores_equal_each_candidate_scored_alone(tiny_setup, aggregation, user_token):
     # d3 with a threshold that some tokens of the random model do cross, so both branches are exercised.
-    model, _ = make_tiny_model(tiny_setup, score_aggregation=aggregation, ghost_token_threshold=0.01)
+    model, _ = make_tiny_model(tiny_setup, score_aggregation=aggregation, ghost_token_threshold=0.01,
+                               user_token=user_token)
     randomize_lora_b(model)
     model.eval()
     interaction = first_batch(tiny_setup[4])

@@ -26,6 +26,12 @@ Departures from the authors' code, each a config option (defaults follow the aut
 - ``max_title_tokens``: titles are truncated to bound prompt length (the authors do not truncate).
 - candidates are scored by likelihood, not generated and string-matched (every candidate gets a score).
 
+Beyond the paper, off by default: ``user_token`` adds one behavioural token after the history,
+SASRec's representation ``z`` of the whole sequence -- the vector SASRec ranks items with, in the space of
+its item embeddings -- through the same projector; the paper's LLM never sees ``z`` itself, only the gate
+does. (In the spirit of LLM-SRec, Kim et al. 2025, arXiv:2502.13909, which hands the LLM a sequential
+recommender's user representation.)
+
 Hyper-parameters: ``properties/model/iLoRA.yaml`` (each key documented there).
 """
 
@@ -43,7 +49,7 @@ from recbole_ilora.expert_lora import ExpertLoraConfig, ExpertLoraModel
 from recbole_ilora.evaluation import generation
 from recbole_ilora.gate_encoder import gate_encoder_checkpoint, load_gate_encoder
 from recbole_ilora.llm import load_llm, resolve_dtype
-from recbole_ilora.prompt import ANSWER, BEHAVIOUR, PromptBuilder, Prompts, load_templates
+from recbole_ilora.prompt import ANSWER, BEHAVIOUR, USER, PromptBuilder, Prompts, load_templates
 from recbole_ilora.scoring import PackedScorer, display_order, group_candidate_rows
 
 
@@ -57,6 +63,9 @@ class iLoRA(SequentialRecommender):
         self.lora_settings = ExpertLoraConfig.from_config(config)
         self.num_experts = self.lora_settings.num_experts
         self.use_behaviour_tokens = config["use_behaviour_tokens"]
+        self.user_token = config["user_token"]
+        if self.user_token and not self.use_behaviour_tokens:
+            raise ValueError("user_token needs use_behaviour_tokens: true (the user token goes through their projector).")
         self.curriculum = config["curriculum"] and self.use_behaviour_tokens
         self.max_history = config["max_history"]
         self.num_candidates = config["num_candidates"]
@@ -149,18 +158,25 @@ class iLoRA(SequentialRecommender):
         """``[B, K]`` gate weights for users represented by ``user_repr``."""
         return self.lm.expert_weights(user_repr)
 
-    def _gate_input(self, interaction) -> torch.Tensor | None:
-        return self.sequence_representation(interaction) if self.lora_settings.gated else None
+    def _user_repr(self, interaction) -> torch.Tensor | None:
+        """``z`` where the gate or the user token needs it."""
+        return self.sequence_representation(interaction) if self.lora_settings.gated or self.user_token else None
 
-    def _input_embeddings(self, prompts: Prompts) -> torch.Tensor:
+    def _gate_input(self, user_repr: torch.Tensor | None) -> torch.Tensor | None:
+        return user_repr if self.lora_settings.gated else None
+
+    def _input_embeddings(self, prompts: Prompts, user_repr: torch.Tensor | None = None) -> torch.Tensor:
         embeddings = self.lm.embed_tokens(prompts.input_ids)
         if self.use_behaviour_tokens:
             placeholders = prompts.kind == BEHAVIOUR
             items = prompts.behaviour_items[placeholders]  # one host sync: their count
             if items.numel():  # none in a text-only (curriculum) batch
                 with torch.no_grad():
-                    item_embeddings = self.gate_encoder.item_embedding(items)
-                behaviour = self.projector(item_embeddings.float()).to(embeddings.dtype)
+                    vectors = self.gate_encoder.item_embedding(items.clamp(min=0))
+                    if self.user_token:
+                        rows = torch.nonzero(placeholders)[:, 0]
+                        vectors = torch.where((items == USER)[:, None], user_repr[rows], vectors)
+                behaviour = self.projector(vectors.float()).to(embeddings.dtype)
                 embeddings = embeddings.masked_scatter(placeholders[..., None], behaviour)
         return embeddings
 
@@ -183,13 +199,14 @@ class iLoRA(SequentialRecommender):
         candidates = self._training_candidates(target, history)
         template = torch.randint(self.prompt.num_train_templates, target.shape, device=target.device)
         text_only = self.curriculum and torch.rand(()).item() < 1.0 - self.training_progress
-        prompts = self.prompt.build(history, present, candidates, template,
-                                    with_behaviour=self.use_behaviour_tokens and not text_only, target=target)
+        with_behaviour = self.use_behaviour_tokens and not text_only
+        prompts = self.prompt.build(history, present, candidates, template, with_behaviour=with_behaviour,
+                                    target=target, user_token=self.user_token and with_behaviour)
         # For throughput reports: tokens and token slots (with padding) of the batch; tensors, so no GPU sync.
         self.last_batch_tokens, self.last_batch_slots = prompts.lengths.sum(), prompts.input_ids.numel()
-        gate_input = self._gate_input(interaction)
+        user_repr = self._user_repr(interaction)
         with self.lm.autocast():
-            hidden = self.lm(gate_input, inputs_embeds=self._input_embeddings(prompts),
+            hidden = self.lm(self._gate_input(user_repr), inputs_embeds=self._input_embeddings(prompts, user_repr),
                              attention_mask=prompts.attention_mask.long(), use_cache=False).last_hidden_state
             # The LM head runs only where the next token is part of the answer: no full-vocabulary
             # logits for the prompt.
@@ -206,7 +223,7 @@ class iLoRA(SequentialRecommender):
         template = torch.zeros_like(groups.first_row)  # evaluation uses the first (the authors') template
         self.prompt.set_num_candidates(groups.present.shape[1])  # the most candidates of any user
         return self.prompt.build(history, history_present, shown, template, self.use_behaviour_tokens,
-                                 candidates_present=shown_present)
+                                 candidates_present=shown_present, user_token=self.user_token)
 
     def _candidate_groups(self, interaction):
         return group_candidate_rows(interaction[self.USER_ID], interaction[self.ITEM_SEQ], interaction[self.ITEM_ID])
@@ -214,19 +231,22 @@ class iLoRA(SequentialRecommender):
     def predict(self, interaction):
         groups = self._candidate_groups(interaction)
         prompts = self._candidate_prompts(interaction, groups)
-        gate_input = self._gate_input(interaction[groups.first_row])
+        user_repr = self._user_repr(interaction[groups.first_row])
         with self.lm.autocast():
-            scores = self.scorer(prompts, self._input_embeddings(prompts), gate_input, groups.items, groups.present)
+            scores = self.scorer(prompts, self._input_embeddings(prompts, user_repr), self._gate_input(user_repr),
+                                 groups.items, groups.present)
         return scores[groups.row_group, groups.row_slot]
 
     def full_sort_predict(self, interaction):
         history, history_present = self._recent_history(interaction)
         batch = history.shape[0]
         template = torch.full((batch,), self.prompt.ranking_template, dtype=torch.long, device=history.device)
-        prompts = self.prompt.build(history, history_present, None, template, self.use_behaviour_tokens)
+        prompts = self.prompt.build(history, history_present, None, template, self.use_behaviour_tokens,
+                                    user_token=self.user_token)
         items = torch.arange(1, self.n_items, device=history.device).expand(batch, -1)
+        user_repr = self._user_repr(interaction)
         with self.lm.autocast():
-            scores = self.scorer(prompts, self._input_embeddings(prompts), self._gate_input(interaction), items,
+            scores = self.scorer(prompts, self._input_embeddings(prompts, user_repr), self._gate_input(user_repr), items,
                                  torch.ones_like(items, dtype=torch.bool))
         return torch.cat([torch.full((batch, 1), float("-inf"), device=scores.device), scores], 1)
 
@@ -235,9 +255,10 @@ class iLoRA(SequentialRecommender):
         """The authors' protocol on a uniN batch (:mod:`recbole_ilora.evaluation.generation`): counts of valid and correct answers."""
         groups = self._candidate_groups(interaction)
         prompts = self._candidate_prompts(interaction, groups)
+        user_repr = self._user_repr(interaction[groups.first_row])
         with self.lm.autocast():
             answers = generation.greedy_answers(
-                self.lm, prompts, self._input_embeddings(prompts), self._gate_input(interaction[groups.first_row]),
+                self.lm, prompts, self._input_embeddings(prompts, user_repr), self._gate_input(user_repr),
                 self.prompt.tokenizer, self.prompt.pad_id, max_new_tokens or self.generate_max_new_tokens,
             )
         # The positive is the first row of each group (RecBole's order).
