@@ -93,13 +93,18 @@ def _convert_values(overrides: dict) -> dict:
     return RecBoleConfig._convert_config_dict(None, dict(overrides))
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
-    parser = build_parser()
+def parse_with_overrides(parser: argparse.ArgumentParser, argv: Sequence[str] | None):
+    """``(args, overrides)``: the parser's own options, and every other ``--key=value`` as typed settings."""
     args, extra = parser.parse_known_args(argv)
     try:
-        overrides = parse_overrides(extra)
+        return args, parse_overrides(extra)
     except OverrideError as error:
         parser.error(str(error))
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    parser = build_parser()
+    args, overrides = parse_with_overrides(parser, argv)
 
     import recbole_ilora  # noqa: F401 - applies the compatibility fixes before RecBole is used
     from recbole_ilora.config import ConfigError

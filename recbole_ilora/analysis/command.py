@@ -11,7 +11,7 @@ import logging
 from collections.abc import Sequence
 
 from recbole_ilora.analysis.pipeline import analyze
-from recbole_ilora.cli import OverrideError, parse_overrides
+from recbole_ilora.cli import parse_with_overrides
 
 EPILOG = """\
 Example (LLaRA and iLoRA trained on ml-100k with run_recbole_ilora.py, checkpoints in saved/):
@@ -45,11 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    try:
-        overrides = parse_overrides(extra)
-    except OverrideError as error:
-        parser.error(str(error))
+    args, overrides = parse_with_overrides(parser, argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
 
     summary = analyze(
