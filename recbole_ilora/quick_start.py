@@ -178,14 +178,17 @@ def _warn_if_slow(model, train_data, config) -> None:
     """Say before training starts when an LLM run on a CPU would take more than an hour per epoch.
 
     Times the forward pass of one training micro-batch (a backward pass costs about twice as much) and
-    scales it to the epoch; the draws it makes are undone, so the run itself is unchanged.
+    scales it to the epoch; the draws it makes are undone -- the global streams' and the train loader's own
+    batch-order generator's -- so the run itself is unchanged.
     """
     batches = min(len(train_data), config["limit_train_batches"] or len(train_data))
+    loader_state = train_data.generator.get_state()
     with isolated_rng(), torch.no_grad():
         interaction = next(iter(train_data)).to(config["device"])
         start = time.perf_counter()
         model.calculate_loss(interaction)
         step_seconds = 3 * (time.perf_counter() - start)
+    train_data.generator.set_state(loader_state)
     hours = step_seconds * batches / 3600
     if hours > SLOW_RUN_WARNING_HOURS:
         getLogger().warning(

@@ -215,3 +215,14 @@ def test_user_token_carries_the_projected_sequence_representation(tiny_setup):
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.projector.parameters())
     with pytest.raises(ValueError, match="user_token needs use_behaviour_tokens"):
         make_tiny_model(tiny_setup, "TALLRec", user_token=True)
+
+
+def test_the_cpu_time_projection_does_not_change_the_run(tiny_setup):
+    """It runs one training batch before training: the batch order and the random streams must not move."""
+    from recbole_ilora.quick_start import _warn_if_slow
+
+    model, config = make_tiny_model(tiny_setup)
+    train = tiny_setup[2]
+    before = (train.generator.get_state(), torch.get_rng_state())
+    _warn_if_slow(model, train, config)
+    assert torch.equal(train.generator.get_state(), before[0]) and torch.equal(torch.get_rng_state(), before[1])
