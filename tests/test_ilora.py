@@ -92,7 +92,10 @@ def test_full_sort_predict_scores_every_item(tiny_setup):
 
 
 def test_overfitting_one_batch_ranks_the_true_title_first(tiny_setup):
-    model, config = make_tiny_model(tiny_setup, curriculum=False, lora_rank=16, num_experts=4)
+    # The tiny LLM's frozen tied embeddings (std 0.02, width 32) cap its logits near uniform, so a summed
+    # log-prob mostly counts answer tokens: the length-free mean shows whether training reached the title.
+    model, config = make_tiny_model(tiny_setup, curriculum=False, lora_rank=16, num_experts=4,
+                                    score_aggregation="mean")
     interaction = first_batch(tiny_setup[4])[torch.arange(0, 80)]  # 4 users x 20 candidates
     train = interaction[model._candidate_groups(interaction).first_row]  # the positives, as training samples
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -182,7 +185,7 @@ def test_a_saved_checkpoint_is_evaluated_again_bit_identically(tiny_setup, tmp_p
     assert again[0]["test_result"] == again[1]["test_result"] == trained["test_result"]
     assert again[0]["best_valid_result"] == trained["best_valid_result"]
     summed = run_recbole_ilora("iLoRA", "ml-100k-slice",
-                               config_dict={**overrides, "eval_checkpoint": str(checkpoint), "score_aggregation": "sum"})
+                               config_dict={**overrides, "eval_checkpoint": str(checkpoint), "score_aggregation": "mean"})
     assert summed["test_result"] != trained["test_result"]  # the same weights, ranked by another score
 
 
