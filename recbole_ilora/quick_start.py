@@ -133,7 +133,8 @@ def _train_and_test(config, saved, queue):
 
     logger.debug("The running environment of this training is as follows:\n" + get_environment(config).draw())
     best_valid_result, test_result = plain(best_valid_result), plain(test_result)
-    logger.info(set_color("best valid ", "yellow") + f": {best_valid_result}")
+    validated = best_valid_result if best_valid_result is not None else "none (no validation ran)"
+    logger.info(set_color("best valid ", "yellow") + f": {validated}")
     logger.info(set_color("test result", "yellow") + f": {test_result}")
 
     result = {
