@@ -183,13 +183,11 @@ def _warn_if_slow(model, train_data, config) -> None:
     batch-order generator's -- so the run itself is unchanged.
     """
     batches = min(len(train_data), config["limit_train_batches"] or len(train_data))
-    loader_state = train_data.generator.get_state()
-    with isolated_rng(), torch.no_grad():
+    with isolated_rng(train_data.generator), torch.no_grad():
         interaction = next(iter(train_data)).to(config["device"])
         start = time.perf_counter()
         model.calculate_loss(interaction)
         step_seconds = 3 * (time.perf_counter() - start)
-    train_data.generator.set_state(loader_state)
     hours = step_seconds * batches / 3600
     if hours > SLOW_RUN_WARNING_HOURS:
         getLogger().warning(

@@ -132,17 +132,19 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 # ------------------------------------------------------------------------------------------------- RNG
 @contextmanager
-def isolated_rng() -> Iterator[None]:
-    """Run a block without changing the global random streams (python, numpy, torch CPU and CUDA).
+def isolated_rng(*generators) -> Iterator[None]:
+    """Run a block without changing the global random streams (python, numpy, torch CPU and CUDA), nor
+    the states of ``generators`` (``torch.Generator`` objects such as a dataloader's own).
 
     For work whose RNG use depends on a cache (pretraining the gate encoder happens only when it is not
-    cached yet): the run's later draws are then the same, cached or not.
+    cached yet) or that only looks ahead (timing one batch): the run's later draws are then the same.
     """
     import numpy as np
     import torch
 
     states = random.getstate(), np.random.get_state(), torch.get_rng_state()
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    own_states = [generator.get_state() for generator in generators]
     try:
         yield
     finally:
@@ -151,3 +153,5 @@ def isolated_rng() -> Iterator[None]:
         torch.set_rng_state(states[2])
         if cuda is not None:
             torch.cuda.set_rng_state_all(cuda)
+        for generator, state in zip(generators, own_states):
+            generator.set_state(state)
