@@ -37,12 +37,15 @@ Hyper-parameters: ``properties/model/iLoRA.yaml`` (each key documented there).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from peft import get_peft_model
 from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.utils import InputType
 from torch import nn
+from transformers.utils import ModelOutput
 
 from recbole_ilora.data import item_titles
 from recbole_ilora.expert_lora import ExpertLoraConfig, ExpertLoraModel
@@ -51,6 +54,15 @@ from recbole_ilora.gate_encoder import gate_encoder_checkpoint, load_gate_encode
 from recbole_ilora.llm import load_llm, resolve_dtype
 from recbole_ilora.prompt import ANSWER, BEHAVIOUR, USER, PromptBuilder, Prompts, load_templates
 from recbole_ilora.scoring import PackedScorer, display_order, group_candidate_rows
+
+
+@dataclass
+class TrainingOutput(ModelOutput):
+    """What :meth:`iLoRA.forward` returns for a training batch."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None  # [answer tokens, vocabulary]
+    labels: torch.Tensor | None = None  # [answer tokens]
 
 
 class iLoRA(SequentialRecommender):
@@ -193,7 +205,12 @@ class iLoRA(SequentialRecommender):
         order = torch.argsort(torch.rand(candidates.shape, device=target.device), dim=1)
         return torch.gather(candidates, 1, order)
 
-    def calculate_loss(self, interaction):
+    def forward(self, interaction) -> TrainingOutput:
+        """The LM loss on each prompt's answer (the next item's title), and the logits it is computed from.
+
+        A training batch becomes prompts (history, shuffled candidates, answer); the LM head runs only where
+        the next token is part of the answer (no full-vocabulary logits for the prompt).
+        """
         history, present = self._recent_history(interaction)
         target = interaction[self.POS_ITEM_ID]
         candidates = self._training_candidates(target, history)
@@ -208,11 +225,13 @@ class iLoRA(SequentialRecommender):
         with self.lm.autocast():
             hidden = self.lm(self._gate_input(user_repr), inputs_embeds=self._input_embeddings(prompts, user_repr),
                              attention_mask=prompts.attention_mask.long(), use_cache=False).last_hidden_state
-            # The LM head runs only where the next token is part of the answer: no full-vocabulary
-            # logits for the prompt.
             predicts_answer = prompts.kind[:, 1:] == ANSWER
             logits = self.lm.lm_head(hidden[:, :-1][predicts_answer])
-        return F.cross_entropy(logits.float(), prompts.input_ids[:, 1:][predicts_answer])
+        labels = prompts.input_ids[:, 1:][predicts_answer]
+        return TrainingOutput(loss=F.cross_entropy(logits.float(), labels), logits=logits, labels=labels)
+
+    def calculate_loss(self, interaction):
+        return self.forward(interaction).loss
 
     # ----------------------------------------------------------------------------------------- scoring
     def _candidate_prompts(self, interaction, groups) -> Prompts:
