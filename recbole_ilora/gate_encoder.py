@@ -1,23 +1,21 @@
-"""The frozen SASRec that drives iLoRA's gate and behavioural tokens: pretrain once, reuse.
+"""The frozen SASRec that drives iLoRA's gate and behavioural tokens: where it is, and loading it.
 
 iLoRA needs a conventional sequential recommender trained on the same data: its sequence
 representation ``z`` feeds the gate, its item embeddings become behavioural tokens. With
-``gate_checkpoint`` unset, :func:`gate_encoder_checkpoint` trains RecBole's own ``SASRec`` with
-RecBole's own ``Trainer`` (same dataset, same filters and split, settings from ``gate_sasrec``) and
-saves it under ``<checkpoint_dir>/gate_encoders/`` with a name that hashes everything that defines it;
-the next run with the same data and settings reuses the file instead of training again.
+``gate_checkpoint`` unset it lives under ``<checkpoint_dir>/gate_encoders/`` with a name that hashes
+everything that defines it (:func:`gate_encoder_path`); the pipeline pretrains it there before the model
+is built (:mod:`recbole_ilora.pipeline`), and the next run with the same data and settings reuses it.
 """
 
 from __future__ import annotations
 
-from logging import getLogger
 from pathlib import Path
 
 import numpy as np
 import torch
-from recbole.utils import argument_list, init_seed
+from recbole.utils import argument_list
 
-from recbole_ilora.utils import NON_RESULT_KEYS, atomic_path, fingerprint, isolated_rng
+from recbole_ilora.utils import NON_RESULT_KEYS, fingerprint, isolated_rng
 
 # Settings that define the data a gate encoder was trained on: RecBole's dataset arguments, the split
 # and the seed. Everything else of the LLM run (learning rate, batch size, epochs) is not passed on.
@@ -34,76 +32,45 @@ def item_tokens_digest(dataset) -> str:
     return fingerprint("\x1f".join(tokens.tolist()), length=16)
 
 
-def _gate_run_settings(config) -> dict:
+def gate_run_settings(config) -> dict:
+    """The settings of the gate encoder's own RecBole run: the data settings of ``config`` and ``gate_sasrec``."""
     settings = {key: config[key] for key in _DATA_KEYS if key in config}
     settings.update(config["gate_sasrec"] or {})
     return settings
 
 
-def gate_encoder_checkpoint(config) -> Path:
-    """Path of the gate encoder for ``config``: ``gate_checkpoint`` if set, else a cached pretrained SASRec."""
+def gate_encoder_path(config) -> Path:
+    """Where the gate encoder of ``config`` is: ``gate_checkpoint`` if set, else its place in the cache."""
     if config["gate_checkpoint"]:
-        path = Path(config["gate_checkpoint"])
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"gate_checkpoint {path} does not exist. Point it to a RecBole SASRec checkpoint (.pth) trained "
-                f"on dataset {config['dataset']!r}, or unset it to pretrain one automatically."
-            )
-        return path
-    settings = _gate_run_settings(config)
-    defining = {k: v for k, v in settings.items() if k not in NON_RESULT_KEYS}
+        return Path(config["gate_checkpoint"])
+    defining = {k: v for k, v in gate_run_settings(config).items() if k not in NON_RESULT_KEYS}
     digest = fingerprint({"dataset": config["dataset"], **defining})
-    path = Path(config["checkpoint_dir"]) / "gate_encoders" / f"SASRec-{config['dataset']}-{digest}.pth"
-    if path.is_file():
-        getLogger().info(f"Reusing the pretrained gate encoder {path}")
-        return path
-    # Pretraining happens only on a cache miss: it must not shift the random draws of the run that follows,
-    # and it trains even when the model is built under torch.no_grad() (evaluation scripts).
-    with isolated_rng(), torch.enable_grad():
-        return _pretrain(config["dataset"], settings, path)
+    return Path(config["checkpoint_dir"]) / "gate_encoders" / f"SASRec-{config['dataset']}-{digest}.pth"
 
 
-def _pretrain(dataset_name: str, settings: dict, path: Path) -> Path:
-    from recbole.data import create_dataset, data_preparation
-    from recbole.model.sequential_recommender import SASRec
-    from recbole.trainer import Trainer
-
-    from recbole_ilora.config import Config
-
-    logger = getLogger()
-    logger.info(f"Pretraining the gate encoder (RecBole SASRec) on {dataset_name}; it is saved to {path} and reused.")
-    sasrec_config = Config(model="SASRec", dataset=dataset_name, config_dict=dict(settings))
-    # The data path arrives already joined with the dataset name; undo RecBole's second join.
-    sasrec_config["data_path"] = settings["data_path"]
-    init_seed(sasrec_config["seed"], sasrec_config["reproducibility"])
-    dataset = create_dataset(sasrec_config)
-    train_data, valid_data, _ = data_preparation(sasrec_config, dataset)
-    init_seed(sasrec_config["seed"], sasrec_config["reproducibility"])
-    model = SASRec(sasrec_config, train_data._dataset).to(sasrec_config["device"])
-    trainer = Trainer(sasrec_config, model)
-    with atomic_path(path) as partial:  # parallel runs may pretrain the same encoder
-        trainer.saved_model_file = str(partial)
-        trainer.fit(train_data, valid_data, saved=True, show_progress=sasrec_config["show_progress"])
-        checkpoint = torch.load(partial, map_location="cpu", weights_only=False)  # written just above
-        checkpoint["item_tokens_digest"] = item_tokens_digest(dataset)
-        torch.save(checkpoint, partial)
-    return path
-
-
-def load_gate_encoder(config, dataset, path: Path):
+def load_gate_encoder(path: Path, dataset):
     """A frozen RecBole ``SASRec`` in eval mode, restored from ``path`` and checked against ``dataset``."""
     from recbole.model.sequential_recommender import SASRec
 
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"No gate encoder at {path}. Point gate_checkpoint to a RecBole SASRec checkpoint (.pth) trained on this "
+            f"dataset, or pretrain one first with recbole_ilora.pipeline.pretrain_gate_encoder(config) (the "
+            f"run_recbole_ilora pipeline does so before it builds the model)."
+        )
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)  # RecBole checkpoint: pickled Config
     if checkpoint["config"]["model"] != "SASRec":
         raise ValueError(f"gate_checkpoint {path} holds a {checkpoint['config']['model']}, not a SASRec.")
     expected = checkpoint.get("item_tokens_digest")
     if expected is not None and expected != item_tokens_digest(dataset):
         raise ValueError(
-            f"The gate encoder {path} was trained on a different item id mapping than dataset "
-            f"{config['dataset']!r} has now (other filters or files?). Unset gate_checkpoint to pretrain a new one."
+            f"The gate encoder {path} was trained on a different item id mapping than the dataset has now (other "
+            f"filters or files?). Unset gate_checkpoint to pretrain a new one."
         )
-    model = SASRec(checkpoint["config"], dataset)
+    # Its random initialisation is overwritten by the checkpoint: it must not shift the run's random draws.
+    with isolated_rng():
+        model = SASRec(checkpoint["config"], dataset)
     model.load_state_dict(checkpoint["state_dict"])
     model.requires_grad_(False)
     return model.eval()

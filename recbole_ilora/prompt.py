@@ -57,6 +57,16 @@ def load_templates(prompt_file: str | None, domain: str) -> dict:
     return templates
 
 
+def candidate_counts(config) -> set[int]:
+    """How many candidates prompts list: ``num_candidates`` in training, N + 1 under uniN evaluation."""
+    counts = {int(config["num_candidates"])}
+    modes = config["eval_args"]["mode"]
+    for mode in modes.values() if isinstance(modes, dict) else [modes]:
+        if str(mode).startswith("uni") and str(mode)[3:].isdigit():
+            counts.add(int(str(mode)[3:]) + 1)
+    return counts
+
+
 def _split_template(template: str, num_candidates: int) -> list[str]:
     """``"A {history} B {candidates} C"`` -> ``["A", " B", " C"]`` (no candidates: ``["A", " B"]``)."""
     head, rest = template.replace("{num_candidates}", str(num_candidates)).split("{history}")
@@ -64,17 +74,23 @@ def _split_template(template: str, num_candidates: int) -> list[str]:
 
 
 class PromptBuilder(nn.Module):
-    """Tokenises titles and templates once; assembles batches of prompts on their device."""
+    """Tokenises titles and templates once; assembles batches of prompts on their device.
+
+    Immutable once built: the template text for each candidate count in ``candidate_counts`` (the
+    ``{num_candidates}`` of a template) is tokenised here; a prompt listing another number of candidates is
+    tokenised when it is built, without changing what the builder holds.
+    """
 
     def __init__(
         self,
         tokenizer,
         titles: list[str],
         templates: dict,
-        num_candidates: int,
+        candidate_counts=(20,),
         max_title_tokens: int = 32,
         item_separator: str = ",",
         pad_to_multiple_of: int = 1,
+        answer_end: str = "\n",
     ):
         super().__init__()
         self.tokenizer = tokenizer
@@ -88,7 +104,7 @@ class PromptBuilder(nn.Module):
         self.register_buffer("title_ids", title_ids, persistent=False)
         self.register_buffer("title_len", title_len, persistent=False)
         self.register_buffer("separator_ids", torch.tensor(encode([item_separator])[0], dtype=torch.long), persistent=False)
-        self.register_buffer("answer_end_ids", torch.tensor(encode(["\n"])[0], dtype=torch.long), persistent=False)
+        self.register_buffer("answer_end_ids", torch.tensor(encode([answer_end])[0], dtype=torch.long), persistent=False)
         user_open, user_close = encode(list(USER_TOKEN_TEXT))
         self.register_buffer("user_open_ids", torch.tensor(user_open, dtype=torch.long), persistent=False)
         self.register_buffer("user_close_ids", torch.tensor(user_close, dtype=torch.long), persistent=False)
@@ -96,34 +112,31 @@ class PromptBuilder(nn.Module):
         self.titles = list(titles)
         self.template_texts = list(templates["candidates"]) + [templates["ranking"]]
         self.ranking_template = len(self.template_texts) - 1
-        self.num_candidates = None
-        self.set_num_candidates(num_candidates)
+        self.candidate_counts = tuple(sorted(set(int(c) for c in candidate_counts)))
+        for count in self.candidate_counts:
+            ids, lengths = self._template_pieces(count)
+            self.register_buffer(f"piece_ids_{count}", ids, persistent=False)
+            self.register_buffer(f"piece_len_{count}", lengths, persistent=False)
 
-    def set_num_candidates(self, num_candidates: int) -> None:
-        """Tokenise the template pieces for prompts that list ``num_candidates`` candidates."""
-        if num_candidates == self.num_candidates:
-            return
-        self.num_candidates = num_candidates
+    def _template_pieces(self, num_candidates: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[num_templates, 3 pieces, width]`` ids and ``[num_templates, 3]`` lengths of the template text around
+        the history and the candidates, for prompts listing ``num_candidates`` candidates."""
         pieces = [_split_template(t, num_candidates) for t in self.template_texts]
         pieces = [p + [""] * (3 - len(p)) for p in pieces]
         # The first piece keeps the tokenizer's special prefix (BOS for Llama-2-style tokenizers), as a
-        # tokenised prompt would. Result: [num_templates, 3 pieces, max_len] ids and [num_templates, 3] lengths.
+        # tokenised prompt would.
         first = self.tokenizer([p[0] for p in pieces], add_special_tokens=True)["input_ids"]
         others = [self.tokenizer([p[i] for p in pieces], add_special_tokens=False)["input_ids"] for i in (1, 2)]
         padded = [self._pad(part, None) for part in (first, *others)]
         width = max(ids.shape[1] for ids, _ in padded)
-        device = self.title_ids.device
-        self.piece_ids = torch.stack(
-            [nn.functional.pad(ids, (0, width - ids.shape[1]), value=self.pad_id) for ids, _ in padded], 1
-        ).to(device)
-        self.piece_len = torch.stack([lengths for _, lengths in padded], 1).to(device)
+        ids = torch.stack([nn.functional.pad(ids, (0, width - ids.shape[1]), value=self.pad_id) for ids, _ in padded], 1)
+        return ids, torch.stack([lengths for _, lengths in padded], 1)
 
-    def _apply(self, fn, *args, **kwargs):
-        # piece_ids/piece_len are re-created by set_num_candidates, so they are plain attributes that
-        # follow the module's device here rather than buffers.
-        super()._apply(fn, *args, **kwargs)
-        self.piece_ids, self.piece_len = fn(self.piece_ids), fn(self.piece_len)
-        return self
+    def _pieces_for(self, num_candidates: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if num_candidates in self.candidate_counts:
+            return getattr(self, f"piece_ids_{num_candidates}"), getattr(self, f"piece_len_{num_candidates}")
+        ids, lengths = self._template_pieces(num_candidates)  # not kept: the builder does not change
+        return ids.to(self.title_ids.device), lengths.to(self.title_ids.device)
 
     def _pad(self, sequences: list[list[int]], max_len: int | None) -> tuple[torch.Tensor, torch.Tensor]:
         lengths = torch.tensor([len(s) for s in sequences], dtype=torch.long)
@@ -139,9 +152,10 @@ class PromptBuilder(nn.Module):
         return self.ranking_template
 
     # ----------------------------------------------------------------------------------------------
-    def _text(self, template: torch.Tensor, piece: int):
-        ids = self.piece_ids[template, piece]
-        valid = torch.arange(ids.shape[1], device=ids.device) < self.piece_len[template, piece, None]
+    def _text(self, pieces, template: torch.Tensor, piece: int):
+        piece_ids, piece_len = pieces
+        ids = piece_ids[template, piece]
+        valid = torch.arange(ids.shape[1], device=ids.device) < piece_len[template, piece, None]
         return ids, valid, torch.zeros_like(ids), torch.full_like(ids, TEXT)
 
     def _items(self, items: torch.Tensor, present: torch.Tensor, with_behaviour: bool):
@@ -215,14 +229,15 @@ class PromptBuilder(nn.Module):
         ``[B]`` item whose title (+ newline) is appended as the answer, or None. user_token: one more
         behavioural placeholder after the history, for the user's own representation (``USER``).
         """
-        segments = [self._text(template, 0), self._items(history, history_present, with_behaviour)]
+        pieces = self._pieces_for(candidates.shape[1] if candidates is not None else self.candidate_counts[0])
+        segments = [self._text(pieces, template, 0), self._items(history, history_present, with_behaviour)]
         if user_token:
             segments.append(self._user(history.shape[0], history.device))
-        segments.append(self._text(template, 1))
+        segments.append(self._text(pieces, template, 1))
         if candidates is not None:
             if candidates_present is None:
                 candidates_present = torch.ones_like(candidates, dtype=torch.bool)
-            segments += [self._items(candidates, candidates_present, with_behaviour), self._text(template, 2)]
+            segments += [self._items(candidates, candidates_present, with_behaviour), self._text(pieces, template, 2)]
         if target is not None:
             segments.append(self._answer(target))
         return self._compact(segments)

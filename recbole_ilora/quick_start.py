@@ -21,6 +21,7 @@ from recbole_ilora.config import Config
 from recbole_ilora.data import check_atomic_files, check_dataset
 from recbole_ilora.evaluation import RecordingEvaluator, per_user_metrics, prepare_eval_loaders
 from recbole_ilora.outputs import init_logger, resolve_checkpoint_dir
+from recbole_ilora.pipeline import build_model
 from recbole_ilora.trainer import resume_training
 from recbole_ilora.utils import get_trainer, is_plugin_model, isolated_rng
 
@@ -88,7 +89,7 @@ def _train_and_test(config, saved, queue):
     model_class = config.model_class
     # distributed: rank 0 builds first (pretrains and caches the gate encoder), the others then reuse it.
     with distributed.main_process_first():
-        model = model_class(config, train_data._dataset).to(config["device"])
+        model = build_model(config, train_data._dataset).to(config["device"])  # iLoRA: pretrains its SASRec first
     logger.debug(model)
     if not is_plugin_model(config["model"]):
         # thop profiling of an LLM forward is slow and meaningless for LoRA; keep it for baselines.

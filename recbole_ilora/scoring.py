@@ -76,7 +76,7 @@ def display_order(users: torch.Tensor, items: torch.Tensor, present: torch.Tenso
 class PackedScorer:
     """Scores ``[G, M]`` candidate items after ``G`` prompts (see the module docstring).
 
-    ``lm``: the :class:`~recbole_ilora.expert_lora.ExpertLoraModel`; ``prompt``: the
+    ``lm``: the :class:`~recbole_ilora.expert_lora.ExpertLoraModel` tuner; ``prompt``: the
     :class:`~recbole_ilora.prompt.PromptBuilder` (answer tokens of every item); ``pack_tokens``: about
     how many candidate tokens follow one copy of the prompt. uniN candidates fit in one pack, so each
     prompt is encoded once; a full ranking re-encodes the prompt once per pack. Larger packs mean fewer,
@@ -94,7 +94,10 @@ class PackedScorer:
         self.aggregation = aggregation
         self.log_ghost_threshold = math.log(ghost_token_threshold)
 
-    def __call__(self, prompts, input_embeds, gate_input, items: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    def __call__(self, encoded, items: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        """Scores ``[G, M]`` of ``items`` (``present``: which slots hold one) after the ``G`` prompts of
+        ``encoded`` (:class:`~recbole_ilora.model.ilora.EncodedPrompts`)."""
+        prompts, input_embeds, gate_input = encoded.prompts, encoded.inputs_embeds, encoded.gate_input
         groups, slots = items.shape
         per_item = int(self.prompt.title_len[items].max()) + self.prompt.answer_end_ids.numel()
         chunk = max(1, self.pack_tokens // per_item)
@@ -120,7 +123,9 @@ class PackedScorer:
         device = ids.device
         ids, valid = ids.reshape(groups, -1), valid.reshape(groups, -1)
         segment = torch.arange(slots, device=device).repeat_interleave(tokens_per_item).expand(groups, -1)
-        offset = torch.arange(tokens_per_item, device=device).repeat(slots).expand(groups, -1)
+        # A candidate's k-th valid token sits at position prompt length + k, as it would after its own copy of
+        # the prompt: the padding inside a candidate's slot (between a short title and its end marker) is skipped.
+        offset = (valid.view(groups, slots, tokens_per_item).cumsum(-1) - 1).reshape(groups, -1)
 
         # Compact each row: valid tokens first, in order.
         counts = valid.sum(1)
@@ -140,9 +145,9 @@ class PackedScorer:
         mask[:, prompt_width:, prompt_width:] &= own
         positions = torch.cat([torch.arange(prompt_width, device=device).expand(groups, -1),
                                prompts.lengths[:, None] + offset], 1)
-        embeds = torch.cat([input_embeds, self.lm.embed_tokens(ids).to(input_embeds.dtype)], 1)
-        hidden = self.lm(gate_input, inputs_embeds=embeds, attention_mask=mask[:, None], position_ids=positions,
-                         use_cache=False).last_hidden_state
+        embeds = torch.cat([input_embeds, self.lm.model.get_input_embeddings()(ids).to(input_embeds.dtype)], 1)
+        hidden = self.lm.decode(gate_input, inputs_embeds=embeds, attention_mask=mask[:, None], position_ids=positions,
+                                use_cache=False).last_hidden_state
         last_prompt = hidden[torch.arange(groups, device=device), prompts.lengths - 1]
         hidden = hidden[:, prompt_width:]
         # Token j of a candidate is predicted from the hidden state before it: the prompt's last for j=0.
@@ -154,18 +159,20 @@ class PackedScorer:
         cols = torch.arange(num_valid, device=device) - (torch.cumsum(counts, 0) - counts)[rows]
         log_probs = self._token_log_probs(previous[rows, cols], ids[rows, cols])
         slot_of_token = rows * slots + segment[rows, cols]
-        return self._aggregate(log_probs, slot_of_token, offset[rows, cols], groups * slots).view(groups, slots)
+        return self.aggregate(log_probs, slot_of_token, offset[rows, cols], groups * slots).view(groups, slots)
 
     def _token_log_probs(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """``log p(target | hidden)`` per token, the vocabulary-wide logits computed a block of tokens at a time
         (a pack of a full ranking holds tens of thousands of candidate tokens: all their logits at once
         would take gigabytes)."""
         return torch.cat([
-            -F.cross_entropy(self.lm.lm_head(block).float(), block_targets, reduction="none")
+            -F.cross_entropy(self.lm.model.get_output_embeddings()(block).float(), block_targets, reduction="none")
             for block, block_targets in zip(hidden.split(LOGIT_BLOCK_TOKENS), targets.split(LOGIT_BLOCK_TOKENS))
         ])
 
-    def _aggregate(self, log_probs, slot_of_token, offset, num_slots: int) -> torch.Tensor:
+    def aggregate(self, log_probs, slot_of_token, offset, num_slots: int) -> torch.Tensor:
+        """Per-slot scores from token log-probabilities (``slot_of_token``: each token's slot; ``offset``: its index
+        in its candidate), as ``score_aggregation`` says."""
         def per_slot(values):
             return torch.zeros(num_slots, device=log_probs.device).index_add_(0, slot_of_token, values)
 

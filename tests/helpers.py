@@ -61,10 +61,12 @@ def make_tiny_model(setup, model_name="iLoRA", **changes):
 
     from recbole_ilora.config import Config
 
+    from recbole_ilora.pipeline import build_model
+
     overrides, _, train, _, _ = setup
     config = Config(model=model_name, dataset=SLICE_NAME, config_dict={**overrides, **changes})
     init_seed(config["seed"], True)
-    return config.model_class(config, train._dataset), config
+    return build_model(config, train._dataset), config
 
 
 def first_batch(loader):

@@ -132,14 +132,16 @@ def test_gate_forced_to_one_expert_is_reported_collapsed(ilora):
     labels = cluster_users(users, representations, CLUSTERS, seed=2020).labels
     healthy = gate_statistics(gate_weights(model, representations, 16), labels, CLUSTERS)
     assert not healthy["collapsed"] and healthy["mean_user_entropy"] > 0.1
-    forced = torch.nn.Linear(model.lm.gate.in_features, model.num_experts)  # expert 2's logit dominates everywhere
+    gates = model.adapter.expert_gate
+    adapter, original = next(iter(gates.items()))
+    forced = torch.nn.Linear(original.in_features, model.num_experts)  # expert 2's logit dominates everywhere
     torch.nn.init.zeros_(forced.weight)
     forced.bias.data = torch.tensor([0.0, 0.0, 40.0, 0.0])
-    original, model.lm.gate = model.lm.gate, forced
+    gates[adapter] = forced
     try:
         stats = gate_statistics(gate_weights(model, representations, 16), labels, CLUSTERS)
     finally:
-        model.lm.gate = original
+        gates[adapter] = original
     assert stats["mean_user_entropy"] == pytest.approx(0.0, abs=1e-12) and stats["collapsed"]
     assert stats["top_expert_share"] == [0.0, 0.0, 1.0, 0.0] and stats["verdict"].startswith("COLLAPSED")
     assert "expert 2" in stats["verdict"]

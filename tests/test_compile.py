@@ -14,6 +14,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 from recbole_ilora.config import Config
 from recbole_ilora.model.ilora import iLoRA
+from recbole_ilora.pipeline import pretrain_gate_encoder
 from tests.helpers import TINY_LLM, randomize_lora_b
 
 # pad_to_multiple_of 1: every batch has its own prompt width. 80 rows = 4 uni19 users per batch.
@@ -33,6 +34,7 @@ def data(ml100k_slice, tmp_path_factory):
 @pytest.fixture()
 def model(data):
     overrides, config, train, _ = data
+    pretrain_gate_encoder(config)
     init_seed(config["seed"], True)
     model = iLoRA(config, train._dataset)
     randomize_lora_b(model)
@@ -72,7 +74,8 @@ def test_compiled_predict_equals_eager_and_stops_compiling(model, data):
     batches = uni19_batches(data[3], 8)
     model.eval()
     with torch.no_grad():
-        widths = {model._candidate_prompts(b, model._candidate_groups(b)).input_ids.shape[1] for b in batches}
+        widths = {model.encode(b[torch.arange(0, len(b), 20)], b["item_id"].view(-1, 20)).prompts.input_ids.shape[1]
+                  for b in batches}
         assert len(widths) >= 4
         # Warm-up: each batch size twice, with other widths; afterwards new widths compile nothing.
         counter = assert_compiled_equals_eager_and_settles(model, model.predict, batches[:6], batches[6:])

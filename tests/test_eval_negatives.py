@@ -11,6 +11,8 @@ from recbole.utils import init_seed
 
 from recbole_ilora.config import Config
 from recbole_ilora.evaluation import prepare_eval_loaders
+from recbole_ilora.evaluation.negatives import PerUserSeededNegatives
+from recbole_ilora.pipeline import build_model
 from recbole_ilora.utils import get_trainer
 from tests.helpers import TINY_LLM, randomize_lora_b
 
@@ -22,7 +24,7 @@ def build(model_name, overrides, **changes):
     train, valid, test = data_preparation(config, create_dataset(config))
     prepare_eval_loaders(config, valid, test)
     init_seed(config["seed"], True)
-    model = config.model_class(config, train._dataset)
+    model = build_model(config, train._dataset)
     trainer = get_trainer(config["MODEL_TYPE"], model_name)(config, model)
     return trainer, train, valid, test
 
@@ -79,3 +81,17 @@ def test_every_model_ranks_the_same_candidates(overrides):
         seen[model_name] = evaluate_recording(trainer, test)["candidates"]
     assert len(seen["SASRec"]) == 40
     assert seen["SASRec"] == seen["GRU4Rec"] == seen["iLoRA"]
+
+
+def test_a_sampling_call_holding_several_users_is_refused_not_drawn_from_the_global_stream(ml100k_slice):
+    """Fixed candidates are a function of (seed, phase, user): rows of two users in one call cannot be."""
+    _, _, _, test = build("SASRec", {**ml100k_slice, "epochs": 1})
+    sampling = test._neg_sampling
+    assert isinstance(sampling, PerUserSeededNegatives)
+    dataset = test._dataset
+    users = dataset.inter_feat[dataset.uid_field]
+    one_user = dataset.inter_feat[torch.nonzero(users == users[0]).view(-1)[:1]]
+    two_users = dataset.inter_feat[torch.tensor([0, int(torch.nonzero(users != users[0])[0])])]
+    assert torch.equal(sampling(one_user)[dataset.iid_field], sampling(one_user)[dataset.iid_field])  # seeded per user
+    with pytest.raises(RuntimeError, match="rows of 2 users"):
+        sampling(two_users)

@@ -10,6 +10,7 @@ import torch
 
 from recbole_ilora.prompt import BEHAVIOUR, USER
 from recbole_ilora.quick_start import run_recbole_ilora
+from recbole_ilora.sampling import training_candidates
 from recbole_ilora.trainer import iLoRATrainer
 from tests.helpers import first_batch, make_tiny_model, randomize_lora_b
 
@@ -35,8 +36,8 @@ def test_gradients_reach_experts_gate_projector_only(tiny_setup):
     model.train()
     model.calculate_loss(first_batch(tiny_setup[2])).backward()
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    assert any("lora_A" in n for n in trainable) and any(n.startswith("lm.gate.") for n in trainable)
-    assert any(n.startswith("projector.") for n in trainable)
+    assert any("lora_A" in n for n in trainable) and any(".expert_gate." in n for n in trainable)
+    assert any(".behaviour_projector." in n for n in trainable)
     for name, parameter in trainable.items():
         assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
     frozen = [p for n, p in model.named_parameters() if not p.requires_grad]
@@ -47,13 +48,16 @@ def test_gradients_reach_experts_gate_projector_only(tiny_setup):
 def test_prompt_puts_behaviour_token_after_each_title(tiny_setup):
     model, _ = make_tiny_model(tiny_setup)
     interaction = first_batch(tiny_setup[2])
-    history, present = model._recent_history(interaction)
-    candidates = model._training_candidates(interaction["item_id"], history)
+    history, present = model.recent_history(interaction)
+    candidates = training_candidates(interaction["item_id"], history, model.n_items, model.num_candidates)
     template = torch.zeros(len(interaction), dtype=torch.long)
-    prompts = model.prompt.build(history, present, candidates, template, True, target=interaction["item_id"])
+    prompts = model.encode(interaction, candidates, template=template, target=interaction["item_id"]).prompts
     row = int(torch.argmax(present.sum(1)))
     text = model.prompt.decode(prompts, row)
-    titles = model.prompt.titles
+    prompt = model.prompt
+    # titles as the prompt writes them: cut at max_title_tokens
+    titles = [prompt.tokenizer.decode(prompt.title_ids[i, : prompt.title_len[i]]).strip() for i in range(len(prompt.titles))]
+    assert any(title != full for title, full in zip(titles, prompt.titles))  # some are cut on the tiny tokenizer
     shown = [i for i in history[row][present[row]].tolist()] + candidates[row].tolist()
     for item in shown:
         assert f"{titles[item]} [emb]" in text, titles[item]
@@ -97,7 +101,7 @@ def test_overfitting_one_batch_ranks_the_true_title_first(tiny_setup):
     model, config = make_tiny_model(tiny_setup, curriculum=False, lora_rank=16, num_experts=4,
                                     score_aggregation="mean")
     interaction = first_batch(tiny_setup[4])[torch.arange(0, 80)]  # 4 users x 20 candidates
-    train = interaction[model._candidate_groups(interaction).first_row]  # the positives, as training samples
+    train = interaction[torch.arange(0, 80, 20)]  # the positives (the first row of each user), as training samples
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model.train()
     for _ in range(60):
@@ -199,23 +203,24 @@ def test_gate_encoder_pretrains_when_the_model_is_built_without_gradients(tiny_s
 def test_user_token_carries_the_projected_sequence_representation(tiny_setup):
     model, _ = make_tiny_model(tiny_setup, user_token=True)
     interaction = first_batch(tiny_setup[2])
-    history, present = model._recent_history(interaction)
+    history, present = model.recent_history(interaction)
     template = torch.zeros(len(interaction), dtype=torch.long)
-    prompts = model.prompt.build(history, present, None, template, True, user_token=True)
+    with torch.no_grad():
+        encoded = model.encode(interaction, template=template)
+    prompts = encoded.prompts
     text = model.prompt.decode(prompts, 0)
     assert "(this user's taste: [emb])" in text and text.index("taste") > text.index(model.prompt.titles[int(history[0][present[0]][-1])])
     user_positions = prompts.behaviour_items == USER
     assert user_positions.sum(1).tolist() == [1] * len(interaction)  # one user token per prompt
     user_repr = model.sequence_representation(interaction)
     with torch.no_grad():
-        embeddings = model._input_embeddings(prompts, user_repr)
-        expected = model.projector(user_repr.float())
-    torch.testing.assert_close(embeddings[user_positions], expected)
+        expected = model.adapter.projector(user_repr.float())
+    torch.testing.assert_close(encoded.inputs_embeds[user_positions], expected)
     plain = model.prompt.build(history, present, None, template, True)
     assert prompts.input_ids.shape[1] > plain.input_ids.shape[1] and not (plain.behaviour_items == USER).any()
     model.curriculum = False
     model.calculate_loss(interaction).backward()  # trains through the user token too
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.projector.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.adapter.projector.parameters())
     with pytest.raises(ValueError, match="user_token needs use_behaviour_tokens"):
         make_tiny_model(tiny_setup, "TALLRec", user_token=True)
 
@@ -229,3 +234,27 @@ def test_the_cpu_time_projection_does_not_change_the_run(tiny_setup):
     before = (train.generator.get_state(), torch.get_rng_state())
     _warn_if_slow(model, train, config)
     assert torch.equal(train.generator.get_state(), before[0]) and torch.equal(torch.get_rng_state(), before[1])
+
+
+def test_evaluating_with_fewer_candidates_leaves_training_prompts_unchanged(tiny_setup):
+    """uni9 evaluation lists 10 candidates, training 20: scoring must not change what training prompts say."""
+    model, _ = make_tiny_model(tiny_setup, eval_args={"mode": {"valid": "uni9", "test": "uni9"}})
+    interaction = first_batch(tiny_setup[2])
+    history, present = model.recent_history(interaction)
+    candidates = training_candidates(interaction["item_id"], history, model.n_items, model.num_candidates)
+    template = torch.zeros(len(interaction), dtype=torch.long)
+
+    def training_prompt():
+        return model.prompt.decode(model.encode(interaction, candidates, template=template).prompts, 0)
+
+    before = training_prompt()
+    assert "following 20 movie titles" in before
+    test = first_batch(tiny_setup[4])
+    ten_per_user = torch.cat([torch.arange(20 * u, 20 * u + 10) for u in range(len(test) // 20)])
+    model.eval()
+    with torch.no_grad():
+        scored = model.encode(test[ten_per_user][torch.arange(0, len(ten_per_user), 10)],
+                              test["item_id"][ten_per_user].view(-1, 10))
+        model.predict(test[ten_per_user])
+    assert "following 10 movie titles" in model.prompt.decode(scored.prompts, 0)
+    assert training_prompt() == before

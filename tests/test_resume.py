@@ -25,7 +25,7 @@ import yaml
 from recbole.data import create_dataset, data_preparation
 
 from recbole_ilora.config import Config
-from recbole_ilora.gate_encoder import gate_encoder_checkpoint
+from recbole_ilora.pipeline import pretrain_gate_encoder
 from recbole_ilora.model.ilora import iLoRA
 from recbole_ilora.quick_start import run_recbole_ilora
 from recbole_ilora.trainer import iLoRATrainer
@@ -50,7 +50,7 @@ def settings_file(tmp_path_factory) -> Path:
     # One gate encoder for every run (pretraining it inside a run would shift that run's random state).
     config = Config(model="iLoRA", dataset="ml-100k-slice",
                     config_dict={**settings, "checkpoint_dir": str(folder / "gate"), "state": "WARNING"})
-    settings["gate_checkpoint"] = str(gate_encoder_checkpoint(config))
+    settings["gate_checkpoint"] = str(pretrain_gate_encoder(config))
     path = folder / "settings.yaml"
     path.write_text(yaml.safe_dump(settings))
     return path

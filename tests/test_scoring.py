@@ -11,20 +11,24 @@ from recbole_ilora.scoring import SCORE_AGGREGATIONS, PackedScorer, display_orde
 from tests.helpers import first_batch, make_tiny_model, randomize_lora_b
 
 
+def shown_candidates(model, interaction):
+    """RecBole's rows grouped per user, and each user's candidates in the order the prompt lists them."""
+    groups = group_candidate_rows(interaction["user_id"], interaction["item_id_list"], interaction["item_id"])
+    order = display_order(interaction["user_id"][groups.first_row], groups.items, groups.present, model.seed)
+    return groups, torch.gather(groups.items, 1, order), torch.gather(groups.present, 1, order)
+
+
 def reference_token_log_probs(model, interaction, group: int, slot: int) -> torch.Tensor:
-    """Log-probabilities of one candidate's answer tokens after its own full prompt: one plain forward, no cache."""
-    groups = model._candidate_groups(interaction)
-    prompts = model._candidate_prompts(interaction, groups)
+    """Log-probabilities of one candidate's answer tokens after its own full prompt: one plain forward, no packing."""
+    groups, shown, present = shown_candidates(model, interaction)
+    encoded = model.encode(interaction[groups.first_row], shown, present)
     ids, valid = model.prompt.answer_tokens(groups.items[group, slot : slot + 1])
     answer = ids[0, valid[0]]
-    length = int(prompts.lengths[group])
-    user_repr = model._user_repr(interaction[groups.first_row])
-    gate_input = model._gate_input(user_repr)
-    gate_input = None if gate_input is None else gate_input[group : group + 1]
-    embeds = model._input_embeddings(prompts, user_repr)[group : group + 1, :length]
-    full = torch.cat([embeds, model.lm.embed_tokens(answer)[None]], 1)
-    hidden = model.lm(gate_input, inputs_embeds=full).last_hidden_state
-    logits = model.lm.lm_head(hidden)[0, length - 1 : -1]
+    length = int(encoded.prompts.lengths[group])
+    gate_input = None if encoded.gate_input is None else encoded.gate_input[group : group + 1]
+    embeds = encoded.inputs_embeds[group : group + 1, :length]
+    full = torch.cat([embeds, model.llm.get_input_embeddings()(answer)[None]], 1)
+    logits = model.llm(inputs_embeds=full, gate_input=gate_input).logits[0, length - 1 : -1]
     return torch.log_softmax(logits.float(), -1).gather(1, answer[:, None])[:, 0]
 
 
@@ -41,7 +45,7 @@ def test_packed_scores_equal_each_candidate_scored_alone(tiny_setup, aggregation
         model.scorer.pack_tokens = 1  # one candidate per continuation: the unpacked reference
         alone = model.predict(interaction)
         torch.testing.assert_close(packed, alone, atol=1e-4, rtol=1e-4)
-        groups = model._candidate_groups(interaction)
+        groups = shown_candidates(model, interaction)[0]
         for group, slot in [(0, 0), (0, 3), (1, 7)]:
             log_probs = reference_token_log_probs(model, interaction, group, slot)
             expected = {
@@ -63,7 +67,7 @@ def test_aggregations_on_crafted_log_probs():
     results = {}
     for aggregation in SCORE_AGGREGATIONS:
         scorer.aggregation = aggregation
-        results[aggregation] = scorer._aggregate(log_probs, slot, offset, 2).tolist()
+        results[aggregation] = scorer.aggregate(log_probs, slot, offset, 2).tolist()
     assert results["sum"] == pytest.approx([-3.01, -3.0])
     assert results["mean"] == pytest.approx([-3.01 / 3, -3.0])
     assert results["first"] == pytest.approx([-1.0, -3.0])
@@ -95,3 +99,32 @@ def test_display_order_is_not_positive_first_and_ignores_row_order(tiny_setup):
     flipped = groups.items.flip(1)
     shown_flipped = torch.gather(flipped, 1, display_order(users, flipped, groups.present.flip(1), seed=2020))
     assert torch.equal(shown, shown_flipped)  # the same list whatever order RecBole's rows came in
+
+
+def test_a_two_token_end_marker_is_scored_at_contiguous_positions(tiny_setup, monkeypatch):
+    """Llama-2's tokenizer writes the answer's closing newline as two tokens. Packed scoring must give them the
+    positions they have after the candidate's own prompt, not positions gapped by the title slot's padding."""
+    from tokenizers import normalizers
+
+    from recbole_ilora import llm
+
+    build = llm.build_tiny_tokenizer
+
+    def crlf_tokenizer(corpus, vocab_size=512):
+        tokenizer = build(corpus, vocab_size)
+        tokenizer.backend_tokenizer.normalizer = normalizers.Replace("\n", "\r\n")  # "\n" -> two byte tokens
+        return tokenizer
+
+    monkeypatch.setattr(llm, "build_tiny_tokenizer", crlf_tokenizer)
+    model, _ = make_tiny_model(tiny_setup)
+    assert model.prompt.answer_end_ids.numel() == 2
+    randomize_lora_b(model)
+    model.eval()
+    interaction = first_batch(tiny_setup[4])
+    groups = shown_candidates(model, interaction)[0]
+    with torch.no_grad():
+        packed = model.predict(interaction)
+        for group, slot in [(0, 0), (0, 5), (1, 11)]:
+            row = int(torch.nonzero((groups.row_group == group) & (groups.row_slot == slot))[0])
+            expected = reference_token_log_probs(model, interaction, group, slot).sum()
+            torch.testing.assert_close(packed[row], expected, atol=1e-4, rtol=1e-4)

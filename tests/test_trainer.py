@@ -13,7 +13,7 @@ from recbole.data import create_dataset, data_preparation
 from recbole.utils import init_seed
 
 from recbole_ilora.config import Config
-from recbole_ilora.model.ilora import iLoRA
+from recbole_ilora.pipeline import build_model
 from recbole_ilora.trainer import iLoRATrainer
 from tests.helpers import TINY_LLM
 
@@ -35,7 +35,7 @@ def scripted_run(data, scores, saved=False, trainer_class=iLoRATrainer, **change
     overrides, train, valid = data
     config = Config(model="iLoRA", dataset="ml-100k-slice", config_dict={**overrides, **changes})
     init_seed(config["seed"], True)
-    model = iLoRA(config, train._dataset)
+    model = build_model(config, train._dataset)
     trainer = trainer_class(config, model)
     progress = []
     calculate_loss = model.calculate_loss

@@ -21,7 +21,8 @@ from recbole_ilora.distributed.launch import LAUNCH_KEYS
 from recbole_ilora.evaluation import prepare_eval_loaders
 from recbole_ilora.outputs import resolve_checkpoint_dir
 from recbole_ilora.trainer import iLoRATrainer
-from recbole_ilora.utils import NON_RESULT_KEYS, get_model, is_plugin_model
+from recbole_ilora import pipeline
+from recbole_ilora.utils import NON_RESULT_KEYS, is_plugin_model
 
 # Analysis defaults, under the user's --key=value overrides: the same evaluation negatives for every model
 # (drawn per (seed, user), not from the global stream), no generation protocol, no compilation.
@@ -119,7 +120,7 @@ def build_model(run: TrainedRun, train_data) -> torch.nn.Module:
     """The model of ``run`` on ``train_data``'s dataset with the checkpoint's trainable tensors, in eval mode."""
     config = run.config
     init_seed(config["seed"], config["reproducibility"])  # training's seed for the (tiny, random) frozen LLM
-    model = get_model(config["model"])(config, train_data._dataset)
+    model = pipeline.build_model(config, train_data._dataset)
     model.load_trainable_state_dict(run.state_dict)
     return model.to(config["device"]).eval()
 

@@ -11,15 +11,15 @@ import torch
 
 
 @torch.no_grad()
-def greedy_answers(lm, prompts, input_embeds: torch.Tensor, gate_input, tokenizer, pad_id: int,
-                   max_new_tokens: int = 64) -> list[str]:
-    """Greedy continuations of right-padded ``prompts`` (``lm``: an ``ExpertLoraModel``)."""
+def greedy_answers(lm, encoded, tokenizer, pad_id: int, max_new_tokens: int = 64) -> list[str]:
+    """Greedy continuations of the right-padded prompts of ``encoded`` (``lm``: an ``ExpertLoraModel`` tuner)."""
+    prompts, input_embeds = encoded.prompts, encoded.inputs_embeds
     # Generation appends at the end of each row: move the right padding to the left.
     lengths, width = prompts.lengths, prompts.input_ids.shape[1]
     shift = (torch.arange(width, device=lengths.device) - (width - lengths)[:, None]) % width
     embeds = torch.gather(input_embeds, 1, shift[..., None].expand(-1, -1, input_embeds.shape[-1]))
     mask = torch.gather(prompts.attention_mask, 1, shift)
-    output = lm.generate(gate_input, inputs_embeds=embeds, attention_mask=mask.long(), max_new_tokens=max_new_tokens,
+    output = lm.generate(gate_input=encoded.gate_input, inputs_embeds=embeds, attention_mask=mask.long(), max_new_tokens=max_new_tokens,
                          do_sample=False, pad_token_id=pad_id)
     return tokenizer.batch_decode(output, skip_special_tokens=True)
 

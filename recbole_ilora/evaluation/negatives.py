@@ -27,8 +27,8 @@ def user_seed(seed: int, phase: str, user: int) -> int:
 class PerUserSeededNegatives:
     """A loader's ``_neg_sampling`` whose draw for one user's rows is seeded by (seed, phase, user).
 
-    RecBole's ``NegSampleEvalDataLoader`` calls ``_neg_sampling`` once per user; rows of several users
-    (not produced by uniN evaluation) are left to RecBole's sampling as they are.
+    RecBole's ``NegSampleEvalDataLoader`` calls ``_neg_sampling`` once per user. A call holding rows of several
+    users cannot be seeded per user and is refused, rather than drawn from the global stream unannounced.
     """
 
     def __init__(self, neg_sampling, uid_field: str, seed: int, phase: str):
@@ -36,8 +36,14 @@ class PerUserSeededNegatives:
 
     def __call__(self, inter_feat):
         users = inter_feat[self.uid_field]
-        if len(users) == 0 or bool((users != users[0]).any()):
+        if len(users) == 0:
             return self.neg_sampling(inter_feat)
+        if bool((users != users[0]).any()):
+            raise RuntimeError(
+                f"fixed_eval_negatives: one negative-sampling call holds the rows of {len(set(users.tolist()))} users, "
+                f"so their candidates cannot be a function of (seed, phase, user). RecBole's uniN evaluation samples "
+                f"one user at a time; set fixed_eval_negatives: false to use RecBole's global random stream instead."
+            )
         state = np.random.get_state()
         np.random.seed(user_seed(self.seed, self.phase, int(users[0])))
         try:
