@@ -35,10 +35,31 @@ class Prompts:
     attention_mask: torch.Tensor  # [B, L] bool
     behaviour_items: torch.Tensor  # [B, L] item id at [emb] placeholders, 0 elsewhere
     kind: torch.Tensor  # [B, L] TEXT / BEHAVIOUR / ANSWER
+    num_behaviour: int = 0  # placeholders and answer tokens in the batch, known on the host: selecting them
+    num_answer: int = 0  # needs no further wait for the device (see true_indices)
 
     @property
     def lengths(self) -> torch.Tensor:
         return self.attention_mask.sum(1)
+
+
+@dataclass
+class EncodedPrompts:
+    """A batch turned into what the LLM reads: the prompts, their input embeddings, and the gate input."""
+
+    prompts: Prompts
+    inputs_embeds: torch.Tensor  # [B, L, hidden]
+    gate_input: torch.Tensor | None  # [B, d] SASRec's sequence representation where a gate mixes experts
+
+
+def true_indices(mask: torch.Tensor, count: int) -> torch.Tensor:
+    """Flat indices of the ``count`` True entries of ``mask``, in order: ``mask.view(-1).nonzero()`` without the
+    wait for the device that learning their number costs (the caller knows it)."""
+    flat = mask.reshape(-1)
+    rank = torch.cumsum(flat, 0) - 1
+    index = torch.zeros(count + 1, dtype=torch.long, device=flat.device)  # the last slot takes the False entries
+    index.scatter_(0, torch.where(flat, rank, count), torch.arange(flat.numel(), device=flat.device))
+    return index[:count]
 
 
 def load_templates(prompt_file: str | None, domain: str) -> dict:
@@ -194,21 +215,22 @@ class PromptBuilder(nn.Module):
         return ids, valid, torch.zeros_like(ids), torch.full_like(ids, ANSWER)
 
     def _compact(self, segments) -> Prompts:
+        """Lay the segments side by side and move each row's valid tokens to its front: one scatter, and one wait
+        for the device, which reads the width and the counts of placeholders and answer tokens together."""
         ids, valid, items, kind = (torch.cat(parts, 1) for parts in zip(*segments))
         position = torch.cumsum(valid.long(), 1) - 1
         lengths = valid.sum(1)
+        longest, num_behaviour, num_answer = torch.stack(
+            [lengths.max(), (valid & (kind == BEHAVIOUR)).sum(), (valid & (kind == ANSWER)).sum()]).tolist()
         # Rounding the width up bounds the number of distinct shapes torch.compile sees.
-        width = -(-int(lengths.max()) // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        rows, source = valid.nonzero(as_tuple=True)  # one host sync for all the selections below
-        cols = position[rows, source]
-        out_ids = torch.full((ids.shape[0], width), self.pad_id, dtype=torch.long, device=ids.device)
-        out_items = torch.zeros_like(out_ids)
-        out_kind = torch.full_like(out_ids, TEXT)
-        out_ids[rows, cols] = ids[rows, source]
-        out_items[rows, cols] = items[rows, source]
-        out_kind[rows, cols] = kind[rows, source]
+        width = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        target = torch.where(valid, position, width)  # invalid tokens go to a spare last column, dropped below
+        out_ids, out_items, out_kind = (
+            torch.full((ids.shape[0], width + 1), fill, dtype=torch.long, device=ids.device).scatter_(1, target, source)
+            [:, :width] for source, fill in ((ids, self.pad_id), (items, 0), (kind, TEXT))
+        )
         mask = torch.arange(width, device=ids.device) < lengths[:, None]
-        return Prompts(out_ids, mask, out_items, out_kind)
+        return Prompts(out_ids, mask, out_items, out_kind, num_behaviour, num_answer)
 
     def build(
         self,

@@ -86,7 +86,6 @@ def _train_and_test(config, saved, queue):
     prepare_eval_loaders(config, valid_data, test_data)  # fixed_eval_negatives: candidates per (seed, phase, user)
 
     init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
-    model_class = config.model_class
     # distributed: rank 0 builds first (pretrains and caches the gate encoder), the others then reuse it.
     with distributed.main_process_first():
         model = build_model(config, train_data._dataset).to(config["device"])  # iLoRA: pretrains its SASRec first

@@ -125,7 +125,10 @@ class Recommender:
         init_seed(config["seed"], config["reproducibility"])  # as the run seeded its model (a tiny LLM is random)
         model = build_model(config, dataset)
         if adapter_folder is not None:
-            model.load_adapter(adapter_folder)
+            from peft import set_peft_model_state_dict
+            from peft.utils import load_peft_weights
+
+            set_peft_model_state_dict(model.llm, load_peft_weights(str(adapter_folder), device="cpu"))
         elif state.get("trainable_only"):
             model.load_trainable_state_dict(state["state_dict"])
         else:

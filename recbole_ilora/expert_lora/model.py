@@ -90,6 +90,15 @@ class ExpertLoraModel(LoraModel):
     def projector(self) -> nn.Module | None:
         return self.behaviour_projector[self.adapter_name] if self.settings.projector_input_size else None
 
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Trainable parameters by role: ``lora`` (the experts), ``gate``, ``projector``."""
+        groups = {"lora": [], "gate": [], "projector": []}
+        for name, parameter in self.named_parameters():
+            if parameter.requires_grad:
+                role = "gate" if "expert_gate." in name else "projector" if "behaviour_projector." in name else "lora"
+                groups[role].append(parameter)
+        return groups
+
     # ------------------------------------------------------------------------------------ gate
     def expert_weights(self, gate_input: torch.Tensor) -> torch.Tensor:
         """``[B, K]`` mixture weights ``softmax(W z / T)``, in fp32."""

@@ -13,10 +13,8 @@ LoRA of every adapted layer into ``K`` experts of rank ``r/K`` and mixes them pe
 the user's sequence; one gate serves all layers. The experts, the gate and the projector are one peft
 adapter (:mod:`recbole_ilora.expert_lora`). ``num_experts: 1`` is LLaRA; without behavioural tokens, TALLRec.
 
-Scoring (``predict``/``full_sort_predict``) ranks candidates by the log-likelihood of
-``title + newline`` after the prompt, aggregated per ``score_aggregation``, all candidates packed
-after one copy of the prompt (:mod:`recbole_ilora.scoring`). ``eval_generate`` adds the authors'
-protocol (greedy generation, string match; :mod:`recbole_ilora.evaluation.generation`).
+Scoring ranks candidates by the likelihood of their titles after the prompt, all packed after one copy of
+it (:mod:`recbole_ilora.scoring`); ``eval_generate`` adds the authors' protocol (greedy generation).
 
 Departures from the authors' code, each a config option (defaults follow the authors):
 - the gate is ``Linear(d -> K, no bias)`` + softmax, as the paper writes; the authors' code puts a
@@ -50,18 +48,10 @@ from recbole_ilora.evaluation import generation
 from recbole_ilora.expert_lora import ExpertLoraConfig
 from recbole_ilora.gate_encoder import gate_encoder_path, load_gate_encoder
 from recbole_ilora.llm import load_llm, resolve_dtype
-from recbole_ilora.prompt import ANSWER, BEHAVIOUR, USER, PromptBuilder, Prompts, candidate_counts, load_templates
+from recbole_ilora.prompt import (ANSWER, BEHAVIOUR, USER, EncodedPrompts, PromptBuilder, candidate_counts, load_templates,
+                                  true_indices)
 from recbole_ilora.sampling import training_candidates
 from recbole_ilora.scoring import PackedScorer, display_order, group_candidate_rows
-
-
-@dataclass
-class EncodedPrompts:
-    """A batch turned into what the LLM reads: the prompts, their input embeddings, and the gate input."""
-
-    prompts: Prompts
-    inputs_embeds: torch.Tensor  # [B, L, hidden]
-    gate_input: torch.Tensor | None  # [B, d] SASRec's sequence representation where a gate mixes experts
 
 
 @dataclass
@@ -96,8 +86,7 @@ class iLoRA(SequentialRecommender):
         if self.num_candidates > self.n_items - 1:
             raise ValueError(f"num_candidates={self.num_candidates} exceeds the {self.n_items - 1} items of the dataset.")
 
-        # define layers: the frozen SASRec (a frozen submodule, never trained nor saved with the adapter),
-        # the LLM with the expert LoRA adapter (experts, gate and projector), the prompt builder
+        # define layers: the frozen SASRec (never trained nor saved), the LLM with the expert LoRA adapter
         self.gate_encoder = load_gate_encoder(gate_encoder_path(config), dataset) if self.needs_gate_encoder(config) else None
         width = self.gate_encoder.hidden_size if self.gate_encoder is not None else None
         self.adapter_config = ExpertLoraConfig.from_config(
@@ -138,27 +127,14 @@ class iLoRA(SequentialRecommender):
         """The adapter (experts, gate, projector) in peft's format: ``adapter_config.json`` + safetensors."""
         self.llm.save_pretrained(folder)
 
-    def load_adapter(self, folder) -> None:
-        """Load an adapter written by :meth:`save_pretrained` into this model (same LLM, settings and data)."""
-        from peft import set_peft_model_state_dict
-        from peft.utils import load_peft_weights
-
-        set_peft_model_state_dict(self.llm, load_peft_weights(str(folder), device="cpu"))
-
     # --------------------------------------------------------------------------------- trainable state
     def parameter_groups(self) -> dict[str, list[torch.nn.Parameter]]:
-        """Trainable parameters by role, for per-group learning rates and weight decay: lora, gate, projector."""
-        groups = {"lora": [], "gate": [], "projector": []}
-        for name, parameter in self.named_parameters():
-            if parameter.requires_grad:
-                role = "gate" if ".expert_gate." in name else "projector" if ".behaviour_projector." in name else "lora"
-                groups[role].append(parameter)
-        return groups
+        """Trainable parameters by role (lora, gate, projector), for per-group learning rates and weight decay."""
+        return self.adapter.parameter_groups()
 
     def trainable_state_dict(self) -> dict:
-        """Only what training changes: LoRA experts, gate, projector (not the frozen LLM nor the frozen SASRec)."""
-        return {name: p.detach().cpu() for name, p in self.named_parameters()
-                if p.requires_grad and not name.startswith("gate_encoder.")}
+        """Only what training changes: LoRA experts, gate, projector (the frozen LLM and SASRec stay out)."""
+        return {name: p.detach().cpu() for name, p in self.llm.named_parameters(prefix="llm") if p.requires_grad}
 
     def load_trainable_state_dict(self, state: dict) -> None:
         expected = set(self.trainable_state_dict())
@@ -202,13 +178,14 @@ class iLoRA(SequentialRecommender):
         gated = self.adapter_config.gated
         user_repr = self.sequence_representation(interaction) if gated or self.user_token else None
         embeddings = self.llm.get_input_embeddings()(prompts.input_ids)
-        placeholders = prompts.kind == BEHAVIOUR
-        items = prompts.behaviour_items[placeholders]  # one host sync: their count
-        if items.numel():  # none without behavioural tokens or in a text-only (curriculum) batch
+        if prompts.num_behaviour:  # none without behavioural tokens or in a text-only (curriculum) batch
+            placeholders = prompts.kind == BEHAVIOUR
+            flat = true_indices(placeholders, prompts.num_behaviour)
+            items = prompts.behaviour_items.reshape(-1)[flat]
             with torch.no_grad():
                 vectors = self.gate_encoder.item_embedding(items.clamp(min=0))
                 if self.user_token:
-                    rows = torch.nonzero(placeholders)[:, 0]
+                    rows = flat // placeholders.shape[1]
                     vectors = torch.where((items == USER)[:, None], user_repr[rows], vectors)
             behaviour = self.adapter.projector(vectors.float()).to(embeddings.dtype)
             embeddings = embeddings.masked_scatter(placeholders[..., None], behaviour)
@@ -236,9 +213,11 @@ class iLoRA(SequentialRecommender):
         with self.autocast():
             hidden = self.adapter.decode(encoded.gate_input, inputs_embeds=encoded.inputs_embeds,
                                          attention_mask=prompts.attention_mask.long(), use_cache=False).last_hidden_state
-            predicts_answer = prompts.kind[:, 1:] == ANSWER
-            logits = self.llm.get_output_embeddings()(hidden[:, :-1][predicts_answer])
-        labels = prompts.input_ids[:, 1:][predicts_answer]
+            # each answer token is predicted from the position before it
+            answer = true_indices(prompts.kind[:, 1:] == ANSWER, prompts.num_answer)
+            row, column = answer // (hidden.shape[1] - 1), answer % (hidden.shape[1] - 1)
+            logits = self.llm.get_output_embeddings()(hidden[row, column])
+        labels = prompts.input_ids[row, column + 1]
         return TrainingOutput(loss=F.cross_entropy(logits.float(), labels), logits=logits, labels=labels,
                               tokens=prompts.lengths.sum(), token_slots=prompts.input_ids.numel())
 
