@@ -47,7 +47,9 @@ from recbole.utils import init_seed  # noqa: E402
 from recbole_ilora.config import Config  # noqa: E402
 from recbole_ilora.evaluation import prepare_eval_loaders  # noqa: E402
 from recbole_ilora.llm import resolve_dtype  # noqa: E402
-from recbole_ilora.prompt import ANSWER, PromptBuilder, load_templates  # noqa: E402
+from recbole_ilora.pipeline import build_model  # noqa: E402
+from recbole_ilora.prompt import ANSWER, PromptBuilder, candidate_counts, load_templates  # noqa: E402
+from recbole_ilora.sampling import training_candidates  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -73,8 +75,48 @@ def parse_args(argv=None):
     parser.add_argument("--synthetic_items", type=int, default=3706)
     parser.add_argument("--synthetic_measure_users", type=int, default=256)
     parser.add_argument("--max_memory_batch", type=int, default=1024)
+    parser.add_argument("--simulate", choices=sorted(SIMULATED), default=None,
+                        help="train section only: an LLM of this architecture with random weights, built in code "
+                             "(no weights needed), with --llm_path's tokenizer")
+    parser.add_argument("--batch_sizes", default=None,
+                        help="comma-separated micro-batches for the train section (default: --batch_size)")
+    parser.add_argument("--checkpointing", choices=("off", "on", "both"), default="off",
+                        help="activation checkpointing of the decoder layers in the train section")
     parser.add_argument("--out", default="outputs/results/benchmark.json")
     return parser.parse_args(argv)
+
+
+# Architectures to simulate with random weights: the paper's LLM, from its published config.
+SIMULATED = {
+    "llama-2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5),
+    "llama-tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=4, max_position_embeddings=4096),  # to rehearse on a CPU
+}
+
+
+def simulated_llm_loader(name: str, tokenizer_path: str):
+    """A ``load_llm`` that builds ``SIMULATED[name]`` with random bf16 weights on the GPU, with the tokenizer of
+    ``tokenizer_path`` (its vocabulary sizes the embedding; the LM head only runs at answer positions)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from recbole_ilora.llm import load_llm
+
+    def load(llm_path, dtype, corpus=()):
+        _, tokenizer = load_llm(tokenizer_path, dtype, corpus)
+        config = LlamaConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                             tie_word_embeddings=False, **SIMULATED[name])
+        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+            previous = torch.get_default_dtype()
+            torch.set_default_dtype(dtype)
+            try:
+                model = LlamaForCausalLM(config)
+            finally:
+                torch.set_default_dtype(previous)
+        return model, tokenizer
+
+    return load
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -109,6 +151,11 @@ def compiled_graphs() -> int:
     return counters["stats"]["unique_graphs"]
 
 
+def train_sizes(args) -> list[int]:
+    """Micro-batches of the train section; the loader yields the largest, the others take its first samples."""
+    return [int(b) for b in args.batch_sizes.split(",")] if args.batch_sizes else [args.batch_size]
+
+
 def compile_modes(args) -> list[bool]:
     return {"none": [False], "only": [True], "both": [False, True]}[args.compile]
 
@@ -118,7 +165,7 @@ def setup(args):
         "llm_path": args.llm_path,
         # Speed does not depend on how well the gate encoder ranks: one epoch keeps the set-up short.
         "gate_sasrec": {"epochs": 1, "hidden_size": 64, "inner_size": 256, "train_batch_size": 512},
-        "train_batch_size": args.batch_size,
+        "train_batch_size": max(train_sizes(args)),
         "eval_batch_size": 20 * args.eval_batch_users,
         "curriculum": False,  # every step with behavioural tokens: the heavier, steady case
         "show_progress": False,
@@ -133,11 +180,17 @@ def setup(args):
     return overrides, config, train, test
 
 
-def build(model_name, overrides, args, train, compiled=False, **changes):
+def build(model_name, overrides, args, train, compiled=False, checkpointing=False, **changes):
     torch._dynamo.reset()  # each variant compiles (or not) from scratch
     config = Config(model=model_name, dataset=args.dataset, config_dict={**overrides, **changes})
     init_seed(config["seed"], True)
-    model = config.model_class(config, train._dataset).to(config["device"])
+    if args.simulate:
+        import recbole_ilora.model.ilora as ilora_module
+
+        ilora_module.load_llm = simulated_llm_loader(args.simulate, args.llm_path)
+    model = build_model(config, train._dataset).to(config["device"])
+    if checkpointing:
+        model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if compiled:
         model.compile_llm()
     return model
@@ -174,7 +227,7 @@ def bench_steps(name, step, batches, args, device) -> dict:
         tokens, slots = tokens + int(used), slots + int(total)
     median = statistics.median(times)
     return {
-        "variant": name, "warmup_s": warmup_s, "step_ms": 1000 * median, "samples_per_s": args.batch_size / median,
+        "variant": name, "warmup_s": warmup_s, "step_ms": 1000 * median, "samples_per_s": len(batches[0]) / median,
         "tokens_per_s": tokens / args.steps / median, "padding_share": 1 - tokens / slots,
         "peak_gib": peak_gib(device), "compiles_while_timed": compiled_graphs() - graphs,
     }
@@ -186,29 +239,29 @@ def model_step(model):
     model.train()
 
     def step(interaction):
-        model.calculate_loss(interaction.to(model.device)).backward()
+        output = model(interaction.to(model.device))
+        output.loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return model.last_batch_tokens, model.last_batch_slots
+        return output.tokens, output.token_slots
 
     return step
 
 
 def stock_peft_step(model, compiled):
     """Stock peft LoRA on the same prompts: HF loss via labels=, no gate, text only (placeholders = pad ids)."""
-    llm = model.lm.peft_model
+    llm = model.llm  # LLaRA's adapter: one expert, plain peft LoRA
     forward = torch.compile(llm) if compiled else llm
     optimizer = torch.optim.AdamW([p for p in llm.parameters() if p.requires_grad], lr=1e-4,
                                   fused=next(llm.parameters()).is_cuda)
 
     def step(interaction):
         interaction = interaction.to(model.device)
-        history, present = model._recent_history(interaction)
         target = interaction[model.POS_ITEM_ID]
-        candidates = model._training_candidates(target, history)
-        prompts = model.prompt.build(history, present, candidates, torch.zeros_like(target), True, target=target)
+        candidates = training_candidates(target, model.recent_history(interaction)[0], model.n_items, model.num_candidates)
+        prompts = model.encode(interaction, candidates, template=torch.zeros_like(target), target=target).prompts
         labels = torch.where(prompts.kind == ANSWER, prompts.input_ids, -100)
-        with model.lm.autocast():
+        with model.autocast():
             loss = forward(input_ids=prompts.input_ids, attention_mask=prompts.attention_mask.long(), labels=labels).loss
         loss.backward()
         optimizer.step()
@@ -221,25 +274,38 @@ def stock_peft_step(model, compiled):
 def apply_liger(model):
     from liger_kernel.transformers import _apply_liger_kernel_to_instance
 
-    _apply_liger_kernel_to_instance(model=model.lm.causal_lm)
+    _apply_liger_kernel_to_instance(model=model.llm.get_base_model())
 
 
 def bench_training(overrides, args, train, device):
-    batches = first_batches(train, args.warmup + args.steps)
     rows = []
-    for compiled in compile_modes(args):
-        mode = "compiled" if compiled else "eager"
-        for variant in args.variants.split(","):
-            if variant == "peft":
-                model = build("LLaRA", overrides, args, train)
-                rows.append(bench_steps(f"stock peft LoRA, {mode}", stock_peft_step(model, compiled), batches, args, device))
-            else:
-                model = build(variant, overrides, args, train, compiled)
-                rows.append(bench_steps(f"{variant} (K={model.num_experts}), {mode}", model_step(model), batches, args, device))
-            del model
+    sizes = train_sizes(args)
+    checkpointing = {"off": [False], "on": [True], "both": [False, True]}[args.checkpointing]
+    for batch_size in sizes:
+        batches = [b[torch.arange(batch_size)] for b in first_batches(train, args.warmup + args.steps)]
+        for compiled in compile_modes(args):
+            for checkpoint in checkpointing:
+                mode = ("compiled" if compiled else "eager") + (", activation checkpointing" if checkpoint else "")
+                for variant in args.variants.split(","):
+                    try:
+                        if variant == "peft":
+                            model = build("LLaRA", overrides, args, train, checkpointing=checkpoint)
+                            row = bench_steps(f"stock peft LoRA, {mode}", stock_peft_step(model, compiled), batches,
+                                              args, device)
+                        else:
+                            model = build(variant, overrides, args, train, compiled, checkpoint)
+                            row = bench_steps(f"{variant} (K={model.num_experts}), {mode}", model_step(model), batches,
+                                              args, device)
+                    except torch.OutOfMemoryError:
+                        row = {"variant": f"{variant}, {mode}", "fits": False}
+                    model = None
+                    rows.append({"micro_batch": batch_size, **row, "samples_per_s": row.get("step_ms") and
+                                 1000 * batch_size / row["step_ms"]})
+                    reset_peak(device)
     if args.liger and device.type != "cuda":
         rows.append({"variant": "iLoRA (K=4), eager + liger-kernel: skipped (Triton kernels need a GPU)"})
     elif args.liger:
+        batches = first_batches(train, args.warmup + args.steps)
         model = build("iLoRA", overrides, args, train)
         apply_liger(model)
         rows.append(bench_steps("iLoRA (K=4), eager + liger-kernel", model_step(model), batches, args, device))
@@ -323,7 +389,7 @@ def bench_fullrank(overrides, args, train, test, device):
     config = Config(model="iLoRA", dataset=args.dataset, config_dict=overrides)
     templates = load_templates(config["prompt_file"], config["prompt_domain"])
     model.prompt = model.scorer.prompt = PromptBuilder(
-        model.prompt.tokenizer, synthetic, templates, model.num_candidates, config["max_title_tokens"],
+        model.prompt.tokenizer, synthetic, templates, candidate_counts(config), config["max_title_tokens"],
         pad_to_multiple_of=model.prompt.pad_to_multiple_of).to(device)
     model.n_items = args.synthetic_items + 1
     measure = min(args.synthetic_users, args.synthetic_measure_users)
