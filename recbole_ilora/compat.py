@@ -33,8 +33,14 @@ behaviour lives in this module, is applied once when :mod:`recbole_ilora` is imp
    relative to the working directory whatever folder the run logs to. Replaced by a version that
    puts the events beside the run's log folder (``<root>/log/<model>/x.log`` -> ``<root>/log_tensorboard/x``;
    the same place as RecBole's for its own ``./log``), so that ``output_root`` holds every output.
+8. **CPU runs on a GPU machine** -- ``Config._init_device`` sets ``CUDA_VISIBLE_DEVICES`` to ``gpu_id`` even
+   when it is empty (a CPU run), after torch may already have counted the GPUs: torch then believes in a
+   GPU that CUDA no longer shows, and ``torch.compile`` fails with ``IndexError`` looking up its
+   properties. An empty ``gpu_id`` now leaves the variable alone (the device is the CPU either way). And
+   ``get_environment`` asks CUDA for the memory of a CPU device whenever a GPU exists, so every CPU run on
+   a GPU machine ended in ``ValueError: Expected a cuda device``; it now reads the run's device.
 
-Fixes 2-4 rewrite single expressions inside RecBole methods (``_patch_source``). Each rewrite
+Fixes 2-4 and 8 rewrite single expressions inside RecBole methods (``_patch_source``). Each rewrite
 asserts that the expression it replaces occurs exactly as often as in RecBole 1.2.1, so a different
 RecBole version fails loudly at import instead of being patched half-way.
 """
@@ -84,6 +90,12 @@ _SOURCE_FIXES = {
     ("recbole.data.dataset.kg_dataset", "KnowledgeBasedDataset", "_reset_ent_remapID"): [
         (".agg(len)", ".map(len)", 1),
     ],
+    ("recbole.config.configurator", "Config", "_init_device"): [
+        ('os.environ["CUDA_VISIBLE_DEVICES"] = gpu_id', 'if gpu_id:\n            os.environ["CUDA_VISIBLE_DEVICES"] = gpu_id', 1),
+    ],
+    ("recbole.utils.utils", None, "get_environment"): [
+        ('if torch.cuda.is_available() and config["use_gpu"]', 'if config["device"].type == "cuda"', 1),
+    ],
     ("recbole.trainer.trainer", "Trainer", "resume_checkpoint"): [
         (
             "torch.load(resume_file, map_location=self.device)",
@@ -112,12 +124,13 @@ def _numpy_compatibility_settings(self=None) -> None:
             setattr(np, name, alias)
 
 
-def _patch_source(module_name: str, class_name: str, method_name: str, fixes) -> None:
-    """Recompile one method of a RecBole class with expressions replaced, in its own module's globals."""
+def _patch_source(module_name: str, class_name: str | None, method_name: str, fixes) -> None:
+    """Recompile one method of a RecBole class (or, with ``class_name`` None, one function of a module) with
+    expressions replaced, in its own module's globals."""
     import importlib
 
     module = importlib.import_module(module_name)
-    owner = getattr(module, class_name)
+    owner = module if class_name is None else getattr(module, class_name)
     function = owner.__dict__[method_name]
     source = textwrap.dedent(inspect.getsource(function))
     for old, new, expected in fixes:
@@ -125,7 +138,7 @@ def _patch_source(module_name: str, class_name: str, method_name: str, fixes) ->
         if found != expected:
             raise RecBoleVersionError(
                 f"recbole_ilora.compat expected {expected} occurrence(s) of `{old}` in "
-                f"{class_name}.{method_name} (RecBole 1.2.1) but found {found}. Install recbole==1.2.1 "
+                f"{class_name or module_name}.{method_name} (RecBole 1.2.1) but found {found}. Install recbole==1.2.1 "
                 f"or update recbole_ilora/compat.py for your RecBole version."
             )
         source = source.replace(old, new)
@@ -137,6 +150,9 @@ def _patch_source(module_name: str, class_name: str, method_name: str, fixes) ->
     patched.__recbole_ilora_patched__ = True
     _ORIGINALS[(owner, method_name)] = function
     setattr(owner, method_name, patched)
+    package = importlib.import_module(module_name.rpartition(".")[0])
+    if class_name is None and getattr(package, method_name, None) is function:  # re-exported: `recbole.utils`
+        setattr(package, method_name, patched)
 
 
 def apply() -> None:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import importlib
+import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+import recbole.utils
 import torch
 from recbole.config.configurator import Config as RecBoleConfig
 from recbole.data import create_dataset, data_preparation
@@ -98,8 +101,9 @@ def test_quick_start_does_not_need_ray():
 
 def test_every_fix_is_applied():
     for module, owner, method in compat._SOURCE_FIXES:
-        owner_class = getattr(__import__(module, fromlist=[owner]), owner)
-        assert compat.is_patched(owner_class, method), f"{owner}.{method}"
+        imported = importlib.import_module(module)
+        assert compat.is_patched(imported if owner is None else getattr(imported, owner), method), f"{owner}.{method}"
+    assert compat.is_patched(recbole.utils, "get_environment")  # the re-export RecBole's callers import
 
 
 def test_version_mismatch_fails_loudly():
@@ -115,3 +119,23 @@ def test_importing_recbole_models_leaves_anomaly_detection_off():
     code = "import torch, recbole.model.sequential_recommender; print(torch.is_anomaly_enabled())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip().endswith("True")
+
+
+def test_a_cpu_run_leaves_the_visible_gpus_alone(monkeypatch):
+    """RecBole would set CUDA_VISIBLE_DEVICES="" for gpu_id "", after torch may have counted the GPUs."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    config = RecBoleConfig(model="Pop", dataset="ml-100k", config_dict={"gpu_id": "", "state": "WARNING"})
+    assert config["device"] == torch.device("cpu") and os.environ["CUDA_VISIBLE_DEVICES"] == "0"
+    monkeypatch.setattr(RecBoleConfig, "_init_device", compat.original(RecBoleConfig, "_init_device"))
+    RecBoleConfig(model="Pop", dataset="ml-100k", config_dict={"gpu_id": "", "state": "WARNING"})
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == ""  # RecBole's own
+
+
+def test_the_environment_of_a_cpu_run_on_a_gpu_machine(monkeypatch):
+    """RecBole asks CUDA for the memory of the CPU device whenever a GPU exists."""
+    config = RecBoleConfig(model="Pop", dataset="ml-100k", config_dict={"gpu_id": "", "state": "WARNING"})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr("psutil.cpu_percent", lambda interval=None: 0.0)  # RecBole samples it for 1 s
+    assert "0.0 / 0.0" in recbole.utils.get_environment(config).draw()
+    with pytest.raises((ValueError, AssertionError)):  # "Expected a cuda device" / "not compiled with CUDA"
+        compat.original(recbole.utils.utils, "get_environment")(config)

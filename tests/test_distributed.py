@@ -25,6 +25,7 @@ from recbole_ilora import distributed
 from recbole_ilora.cli import main as cli_main
 from recbole_ilora.config import Config
 from recbole_ilora.distributed.launch import spawn
+from recbole_ilora.distributed.process_group import cpu_threads_per_process
 from recbole_ilora.evaluation import RecordingEvaluator, per_user_metrics, prepare_eval_loaders
 from recbole_ilora.pipeline import pretrain_gate_encoder
 from recbole_ilora.model.ilora import iLoRA
@@ -121,9 +122,9 @@ def test_two_processes_match_one_process(overrides, tmp_path):
     micro_batches = [next(loader) for _ in range(4)]
     torch.save(micro_batches, tmp_path / "batches.pth")
     # With as many threads as each of the two ranks gets: CPU kernels split their sums by thread, so other
-    # thread counts round differently (seen on a 16-core machine).
+    # thread counts round differently (seen on a 16-core machine, and with OMP_NUM_THREADS set).
     threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // 2))
+    torch.set_num_threads(cpu_threads_per_process(2))
     try:
         single = evaluate_then_step(config, iLoRATrainer, micro_batches, [0, 1, 2, 3])
     finally:

@@ -70,6 +70,14 @@ def gather_objects(obj) -> list:
 
 
 # ------------------------------------------------------------------------------------- the device
+def cpu_threads_per_process(nproc: int) -> int:
+    """Threads of each of ``nproc`` CPU processes: ``OMP_NUM_THREADS`` if set, else an equal share of the cores
+    (instead of every process oversubscribing all of them)."""
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    return max(1, (os.cpu_count() or 1) // nproc)
+
+
 def init_distributed_device(cfg: dict) -> None:
     """RecBole's ``Config._init_device`` for ``local_rank`` set, on CPU (gloo) as well as GPU (nccl).
 
@@ -100,8 +108,7 @@ def init_distributed_device(cfg: dict) -> None:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-        if "OMP_NUM_THREADS" not in os.environ:  # N processes share the cores instead of oversubscribing them
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // nproc))
+        torch.set_num_threads(cpu_threads_per_process(nproc))
     if not dist.is_initialized():
         init_method = cfg.get("ddp_init_method") or f"tcp://{cfg.get('ip', 'localhost')}:{cfg.get('port', '5678')}"
         # Long timeout: the other ranks wait at a barrier while rank 0 pretrains the gate encoder.
