@@ -203,6 +203,9 @@ class iLoRATrainer(Trainer):
             self.model.training_progress = min(1.0, self.global_step / self.total_steps)
             last_batch = batch_idx + 1 == num_batches
             step_now = (batch_idx + 1) % self.accumulation_steps == 0 or last_batch
+            # The epoch's last window may be short: its loss is the mean over its own micro-batches.
+            window_start = batch_idx - batch_idx % self.accumulation_steps
+            window_size = min(self.accumulation_steps, num_batches - window_start)
             # distributed: calculate_loss runs as DDP's forward; gradients are all-reduced on the
             # micro-batch that ends an accumulation window only (no_sync on the others).
             with gradient_sync(self, step_now):
@@ -212,7 +215,7 @@ class iLoRATrainer(Trainer):
                         f"Training loss is {loss.item()} at epoch {epoch_idx}, batch {batch_idx}: lower learning_rate "
                         f"or check the data."
                     )
-                (loss / self.accumulation_steps).backward()
+                (loss / window_size).backward()
             total_loss += loss.item()
             if step_now:
                 if max_norm:
