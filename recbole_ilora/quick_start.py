@@ -110,7 +110,8 @@ def _train_and_test(config, saved, queue):
 
     if config["resume"]:
         resume_training(trainer, config["resume"])  # exact resume of an interrupted run (plugin models)
-    curve, progress = [], distributed.show_progress(config)
+    # The plugin trainer keeps the curve (a resumed run continues the interrupted run's); RecBole's has none.
+    curve, progress = getattr(trainer, "learning_curve", []), distributed.show_progress(config)
     start = time.perf_counter()
     if config["eval_checkpoint"]:
         # A trained checkpoint, evaluated as it is (e.g. with another score_aggregation): no training.

@@ -55,7 +55,8 @@ from recbole_ilora.distributed import (
     training_loss,
 )
 from recbole_ilora.evaluation import generation_metrics
-from recbole_ilora.utils import atomic_path
+from recbole_ilora.config import ConfigError
+from recbole_ilora.utils import atomic_path, differing_settings, result_settings
 
 RESUME_SUFFIX = ".resume"
 
@@ -114,6 +115,8 @@ class iLoRATrainer(Trainer):
         self._saving = False  # fit(saved=True) turns resume checkpoints on
         self._stop_requested = False
         self._epoch_loader_rng = None
+        # Points of learning_curve: true, appended by the run's validation callback; kept by resume checkpoints.
+        self.learning_curve: list[dict] = []
         if self._should_compile(config):
             model.compile_llm()
 
@@ -301,6 +304,8 @@ class iLoRATrainer(Trainer):
             "model": self.config["model"],
             "dataset": self.config["dataset"],
             "world_size": get_world_size(),
+            "settings": result_settings(self.config.final_config_dict),
+            "learning_curve": list(self.learning_curve),
             "epoch": epoch,
             "position": position,
             "batches_per_epoch": num_batches,
@@ -349,6 +354,11 @@ class iLoRATrainer(Trainer):
             if checkpoint[key] != here:
                 raise ValueError(f"resume={path} was written by a run with {key}={checkpoint[key]!r}; this run has "
                                  f"{key}={here!r}. Resume with the settings of the interrupted run.")
+        if "settings" in checkpoint:  # resume checkpoints of earlier versions did not record them
+            differing = differing_settings(checkpoint["settings"], result_settings(self.config.final_config_dict))
+            if differing:
+                raise ConfigError(f"resume={path} was written by a run with other settings: {differing}. Resume with "
+                                  f"the interrupted run's settings, or train anew without resume.")
         self.model.load_trainable_state_dict(checkpoint.pop("state_dict"))
         # The best-model checkpoint is the resume file's name without the suffix (still right if the folder moved).
         beside = path.with_name(path.name[: -len(RESUME_SUFFIX)]) if path.name.endswith(RESUME_SUFFIX) else None
@@ -359,6 +369,7 @@ class iLoRATrainer(Trainer):
         self.best_valid_score = checkpoint["best_valid_score"]
         self.best_valid_result = checkpoint["best_valid_result"]
         self.train_loss_dict = dict(checkpoint["train_loss_dict"])
+        self.learning_curve = list(checkpoint.get("learning_curve", []))
         self._resume_state = checkpoint
         self.logger.info(
             f"Resuming {path} at epoch {self.start_epoch}, batch {checkpoint['position']} of "

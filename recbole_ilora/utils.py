@@ -23,11 +23,29 @@ PLUGIN_MODEL_PACKAGE = "recbole_ilora.model"
 PLUGIN_TRAINER_MODULE = "recbole_ilora.trainer"
 
 # Settings that change what a run prints or where it writes, never its metrics: they stay out of every
-# cache key and results hash, so turning progress bars on or moving outputs re-runs nothing.
+# cache key and results hash, so turning progress bars on or moving outputs re-runs nothing. The last
+# line: what each process of a run derives from how it was started (its rank, device, rendezvous).
 NON_RESULT_KEYS = frozenset(
     {"show_progress", "state", "checkpoint_dir", "output_root", "gpu_id", "use_gpu", "worker", "log_wandb",
-     "resume", "checkpoint_every_steps", "learning_curve"}
+     "resume", "checkpoint_every_steps", "learning_curve",
+     "local_rank", "device", "ip", "port", "offset", "group_offset", "ddp_init_method"}
 )
+
+
+def result_settings(settings) -> dict:
+    """The settings of ``settings`` (a dict or a Config's ``final_config_dict``) that can change a run's results.
+
+    The one definition: the leaderboard's results hash, the gate encoder's cache key and resume's check.
+    """
+    return {key: value for key, value in dict(settings).items() if key not in NON_RESULT_KEYS}
+
+
+def differing_settings(recorded: dict, current: dict) -> str:
+    """``"key=recorded (now current), ..."`` for every key whose value differs; empty when none does."""
+    unset = "<unset>"
+    keys = sorted(set(recorded) | set(current), key=str)
+    return ", ".join(f"{key}={recorded.get(key, unset)!r} (now {current.get(key, unset)!r})"
+                     for key in keys if recorded.get(key, unset) != current.get(key, unset))
 
 
 # ---------------------------------------------------------------------------------------------- lookup

@@ -20,7 +20,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from recbole_ilora.utils import NON_RESULT_KEYS, file_fingerprint, fingerprint
+from recbole_ilora.utils import file_fingerprint, fingerprint, result_settings
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ def config_hash(overrides: dict, config_files: Iterable[str] = ()) -> str:
     affected lines of the results file (or use a new ``output_dir``).
     """
     payload = {
-        "overrides": {key: value for key, value in overrides.items() if key not in NON_RESULT_KEYS},
+        "overrides": result_settings(overrides),
         "config_files": [[str(path), file_fingerprint(path)] for path in config_files],
     }
     # One canonical text (sorted keys, compact separators, repr for values JSON lacks): the hashes of
