@@ -17,6 +17,7 @@ from recbole.data.transform import construct_transform
 from recbole.utils import get_environment, get_flops, init_seed, set_color
 
 from recbole_ilora import distributed
+from recbole_ilora.checkpoints import eval_checkpoint_config
 from recbole_ilora.config import Config
 from recbole_ilora.data import check_atomic_files, check_dataset
 from recbole_ilora.evaluation import RecordingEvaluator, per_user_metrics, prepare_eval_loaders
@@ -61,6 +62,8 @@ def run_recbole_ilora(
     CPU), ``device`` and ``log_file``.
     """
     config = Config(model=model, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict)
+    if config["eval_checkpoint"]:
+        config = eval_checkpoint_config(config)  # the settings it was trained with (one line if contradicted)
     init_seed(config["seed"], config["reproducibility"])
     resolve_checkpoint_dir(config)
     handlers_before = set(logging.getLogger().handlers)

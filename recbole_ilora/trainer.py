@@ -55,6 +55,8 @@ from recbole_ilora.distributed import (
     training_loss,
 )
 from recbole_ilora.evaluation import generation_metrics
+from recbole_ilora.gate_encoder import gate_encoder_path
+from recbole_ilora.checkpoints import run_settings
 from recbole_ilora.config import ConfigError
 from recbole_ilora.utils import atomic_path, differing_settings, result_settings
 
@@ -286,11 +288,19 @@ class iLoRATrainer(Trainer):
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "trainable_only": True,
+            # What evaluating it later needs without the pickled Config: recbole_ilora.checkpoints.
+            "settings": run_settings(self.config),
+            "gate_encoder": self._gate_encoder_file(),
         }
         with atomic_path(saved_model_file) as partial:  # a run killed while saving keeps its previous best
             torch.save(state, partial, pickle_protocol=4)
         if verbose:
             self.logger.info(set_color("Saving current", "blue") + f": {saved_model_file}")
+
+    def _gate_encoder_file(self) -> str | None:
+        if getattr(self.model, "gate_encoder", None) is None:
+            return None
+        return str(gate_encoder_path(self.config).resolve())
 
     def _save_resume_checkpoint(self, epoch, position, num_batches, loss_sum):
         """Write ``<saved_model_file>.resume``: all a run needs to continue exactly after ``position`` batches."""
