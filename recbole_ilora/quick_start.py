@@ -21,6 +21,7 @@ from recbole_ilora.checkpoints import eval_checkpoint_config
 from recbole_ilora.config import Config
 from recbole_ilora.data import check_atomic_files, check_dataset
 from recbole_ilora.evaluation import RecordingEvaluator, per_user_metrics, prepare_eval_loaders
+from recbole_ilora.interrupt import TrainingInterrupted
 from recbole_ilora.outputs import init_logger, resolve_checkpoint_dir
 from recbole_ilora.pipeline import build_model
 from recbole_ilora.trainer import resume_training
@@ -71,6 +72,13 @@ def run_recbole_ilora(
     distributed.quiet_other_ranks()  # distributed: only rank 0 logs
     try:
         return {**_train_and_test(config, saved, queue), "log_file": str(log_file)}
+    except KeyboardInterrupt as interrupt:
+        if isinstance(interrupt, TrainingInterrupted):
+            raise  # the plugin trainer stopped at a step and said how to resume
+        # A RecBole baseline (whose trainer has no handler), or a second Ctrl-C: one line, no traceback.
+        message = f"Interrupted: {config['model']} on {config['dataset']} stopped at once, without a resume checkpoint."
+        getLogger().warning(message)
+        raise TrainingInterrupted(message) from None
     finally:
         _remove_run_handlers(handlers_before)
 

@@ -30,10 +30,7 @@ import math
 import os
 import random
 import shlex
-import signal
 import sys
-import threading
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -56,25 +53,12 @@ from recbole_ilora.distributed import (
 )
 from recbole_ilora.evaluation import generation_metrics
 from recbole_ilora.gate_encoder import gate_encoder_path
+from recbole_ilora.interrupt import TrainingInterrupted, two_stage_interrupt
 from recbole_ilora.checkpoints import run_settings
 from recbole_ilora.config import ConfigError
 from recbole_ilora.utils import atomic_path, differing_settings, result_settings
 
 RESUME_SUFFIX = ".resume"
-
-
-class TrainingInterrupted(KeyboardInterrupt):
-    """Training stopped on Ctrl-C at an optimiser step boundary; ``resume_file`` continues it exactly.
-
-    A ``KeyboardInterrupt``: whoever handles Ctrl-C (the leaderboard) handles it.
-    """
-
-    def __init__(self, message: str, resume_file: str | None = None):
-        super().__init__(message)
-        self.resume_file = resume_file
-
-    def __reduce__(self):
-        return type(self), (self.args[0], self.resume_file)
 
 
 def rng_states() -> dict:
@@ -237,26 +221,16 @@ class iLoRATrainer(Trainer):
         return mean_across_ranks(total_loss / max(1, num_batches))  # distributed: all ranks' mean
 
     # ---------------------------------------------------------------------------- interruption
-    @contextmanager
     def _stop_on_interrupt(self):
         """SIGINT during the block: the first asks for a stop at the next optimiser step, a second stops at once."""
         self._stop_requested = False
-        if threading.current_thread() is not threading.main_thread():
-            yield  # signal handlers can only be set from the main thread
-            return
 
-        def request_stop(signum, frame):
-            if self._stop_requested:
-                signal.default_int_handler(signum, frame)
+        def request_stop():
             self._stop_requested = True
             self.logger.warning("Interrupt: stopping after the current optimiser step with a resume checkpoint "
                                 "(interrupt again to stop at once, without one).")
 
-        previous = signal.signal(signal.SIGINT, request_stop)
-        try:
-            yield
-        finally:
-            signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+        return two_stage_interrupt(request_stop)
 
     def _step_boundary(self, epoch, position, num_batches, loss_sum, checkpoint_due: bool):
         """After ``position`` batches of ``epoch``: write the resume checkpoint when due or asked to stop; stop."""

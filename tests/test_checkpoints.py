@@ -26,7 +26,7 @@ def trained(tmp_path_factory):
     checkpoint."""
     data = write_ml100k_slice(tmp_path_factory.mktemp("data"), num_users=12)
     base = {**SLICE_SETTINGS, **TINY_LLM, "data_path": str(data), "epochs": 1, "limit_train_batches": 1,
-            "checkpoint_dir": str(tmp_path_factory.mktemp("saved"))}
+            "checkpoint_dir": str(tmp_path_factory.mktemp("saved")), "output_root": str(data)}
     result = run_recbole_ilora("iLoRA", SLICE_NAME, config_dict={**base, **TRAINED})
     (checkpoint,) = Path(base["checkpoint_dir"]).glob("iLoRA-*.pth")
     return base, result, checkpoint

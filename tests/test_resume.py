@@ -194,7 +194,8 @@ CURVE = {"learning_curve": True, "limit_train_batches": 2, "gradient_accumulatio
 
 
 def curve_settings(settings_file: Path, checkpoint_dir: Path) -> dict:
-    return {**yaml.safe_load(settings_file.read_text()), **CURVE, "checkpoint_dir": str(checkpoint_dir)}
+    return {**yaml.safe_load(settings_file.read_text()), **CURVE, "checkpoint_dir": str(checkpoint_dir),
+            "output_root": str(checkpoint_dir)}
 
 
 @pytest.fixture(scope="module")
