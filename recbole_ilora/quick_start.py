@@ -24,8 +24,8 @@ from recbole_ilora.evaluation import RecordingEvaluator, per_user_metrics, prepa
 from recbole_ilora.interrupt import TrainingInterrupted
 from recbole_ilora.outputs import init_logger, resolve_checkpoint_dir
 from recbole_ilora.pipeline import build_model
-from recbole_ilora.trainer import resume_training
-from recbole_ilora.utils import get_trainer, is_plugin_model, isolated_rng
+from recbole_ilora.trainer import get_trainer, resume_training
+from recbole_ilora.utils import is_plugin_model, isolated_rng
 
 SLOW_RUN_WARNING_HOURS = 1.0
 

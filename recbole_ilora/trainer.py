@@ -1,4 +1,4 @@
-"""Trainers of the plugin models (resolved by ``recbole_ilora.utils.get_trainer``).
+"""Trainers of the plugin models (resolved by :func:`get_trainer`).
 
 :class:`iLoRATrainer` (also LLaRA's and TALLRec's, found through the model's base class) is RecBole's
 ``Trainer`` -- its epoch loop, validation, early stopping, logging and evaluators are kept -- with what
@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from recbole.trainer import Trainer
+from recbole.utils import get_trainer as get_recbole_trainer
 from recbole.utils import set_color
 from tqdm.auto import tqdm
 
@@ -56,7 +57,7 @@ from recbole_ilora.gate_encoder import gate_encoder_path
 from recbole_ilora.interrupt import TrainingInterrupted, two_stage_interrupt
 from recbole_ilora.checkpoints import run_settings
 from recbole_ilora.config import ConfigError
-from recbole_ilora.utils import atomic_path, differing_settings, result_settings
+from recbole_ilora.utils import atomic_path, differing_settings, get_model, result_settings
 
 RESUME_SUFFIX = ".resume"
 
@@ -409,3 +410,15 @@ def resume_training(trainer, resume_file) -> None:
             f"resume_checkpoint restores weights and optimizer but not the data order or random state)."
         )
     trainer.resume_checkpoint(resume_file)
+
+
+# The plugin trainers by the model class they train; a subclass (LLaRA, TALLRec of iLoRA) trains with its base's.
+PLUGIN_TRAINERS = {"iLoRA": iLoRATrainer}
+
+
+def get_trainer(model_type, model_name: str):
+    """The plugin trainer of the model or of one of its base classes, else RecBole's choice."""
+    for model_class in get_model(model_name).__mro__:
+        if model_class.__name__ in PLUGIN_TRAINERS:
+            return PLUGIN_TRAINERS[model_class.__name__]
+    return get_recbole_trainer(model_type, model_name)

@@ -1,7 +1,7 @@
-"""Small helpers shared across the plugin: model/trainer lookup, the properties folder, fingerprints,
+"""Small helpers shared across the plugin: model lookup, the properties folder, fingerprints,
 atomic writes, and which settings do not change a run's results.
 
-Lookup follows RecBole-GNN: plugin classes first, then RecBole's own.
+Lookup follows RecBole-GNN: plugin classes first, then RecBole's own (trainers: ``recbole_ilora.trainer.get_trainer``).
 """
 
 from __future__ import annotations
@@ -17,10 +17,8 @@ from pathlib import Path
 from typing import Iterator
 
 from recbole.utils import get_model as get_recbole_model
-from recbole.utils import get_trainer as get_recbole_trainer
 
 PLUGIN_MODEL_PACKAGE = "recbole_ilora.model"
-PLUGIN_TRAINER_MODULE = "recbole_ilora.trainer"
 
 # Settings that change what a run prints or where it writes, never its metrics: they stay out of every
 # cache key and results hash, so turning progress bars on or moving outputs re-runs nothing. The last
@@ -50,24 +48,15 @@ def differing_settings(recorded: dict, current: dict) -> str:
 
 # ---------------------------------------------------------------------------------------------- lookup
 def get_model(model_name: str):
-    """Return the model class called ``model_name``: a plugin model if one exists, else RecBole's."""
+    """Return the model class called ``model_name``: a plugin model if one exists, else RecBole's.
+
+    By name through importlib, as RecBole does: the models import this module, and a model's file is only
+    loaded when asked for (the LLM models pull in transformers and peft).
+    """
     module_path = f"{PLUGIN_MODEL_PACKAGE}.{model_name.lower()}"
     if importlib.util.find_spec(module_path) is not None:
         return getattr(importlib.import_module(module_path), model_name)
     return get_recbole_model(model_name)
-
-
-def get_trainer(model_type, model_name: str):
-    """The plugin trainer named after the model or one of its base classes, else RecBole's choice.
-
-    ``LLaRA`` and ``TALLRec`` subclass ``iLoRA`` and so train with ``iLoRATrainer``.
-    """
-    trainers = importlib.import_module(PLUGIN_TRAINER_MODULE)
-    for model_class in get_model(model_name).__mro__:
-        trainer = getattr(trainers, f"{model_class.__name__}Trainer", None)
-        if trainer is not None:
-            return trainer
-    return get_recbole_trainer(model_type, model_name)
 
 
 def is_plugin_model(model_name: str) -> bool:

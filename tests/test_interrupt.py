@@ -10,7 +10,7 @@ import recbole.trainer
 import yaml
 
 from recbole_ilora.cli import main
-from recbole_ilora.distributed import launch
+from recbole_ilora import launch
 from recbole_ilora.interrupt import two_stage_interrupt
 from tests.helpers import SLICE_NAME, SLICE_SETTINGS
 

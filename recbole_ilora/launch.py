@@ -4,6 +4,9 @@ way) or as one of ``torchrun``'s.
 The launcher consumes RecBole's settings ``nproc``, ``world_size``, ``ip``, ``port``, ``group_offset``
 (``offset``); each process then runs :func:`recbole_ilora.quick_start.run_recbole_ilora` with its
 ``local_rank``.
+
+It sits beside the command line, above the quick start it runs; :mod:`recbole_ilora.distributed` below
+both holds what the processes share.
 """
 
 from __future__ import annotations
@@ -15,11 +18,8 @@ from logging import getLogger
 from pathlib import Path
 
 from recbole_ilora.quick_start import run_recbole_ilora
+from recbole_ilora.distributed import LAUNCH_KEYS
 from recbole_ilora.interrupt import TrainingInterrupted, two_stage_interrupt
-
-# Settings the launcher (not the Config) consumes; RecBole's names.
-LAUNCH_KEYS = ("nproc", "world_size", "ip", "port", "group_offset", "offset")
-
 
 def torchrun_settings() -> dict:
     """Config settings of a process started by ``torchrun`` (empty when not started by it)."""
