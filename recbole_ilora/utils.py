@@ -144,21 +144,21 @@ def isolated_rng(*generators) -> Iterator[None]:
     the states of ``generators`` (``torch.Generator`` objects such as a dataloader's own).
 
     For work whose RNG use depends on a cache (pretraining the gate encoder happens only when it is not
-    cached yet) or that only looks ahead (timing one batch): the run's later draws are then the same.
+    cached yet), that only looks ahead (timing one batch) or that seeds its own draws (fixed evaluation
+    negatives, the analysis's batches): the run's later draws are then the same. The plugin's one place
+    for this; torch's streams through ``torch.random.fork_rng``.
     """
     import numpy as np
     import torch
 
-    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    states = random.getstate(), np.random.get_state()
     own_states = [generator.get_state() for generator in generators]
+    in_use = torch.cuda.is_available() and torch.cuda.is_initialized()
     try:
-        yield
+        with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if in_use else []):
+            yield
     finally:
         random.setstate(states[0])
         np.random.set_state(states[1])
-        torch.set_rng_state(states[2])
-        if cuda is not None:
-            torch.cuda.set_rng_state_all(cuda)
         for generator, state in zip(generators, own_states):
             generator.set_state(state)
