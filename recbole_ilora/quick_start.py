@@ -53,7 +53,6 @@ def run_recbole_ilora(
     config_file_list=None,
     config_dict=None,
     saved=True,
-    queue=None,
 ):
     """Train ``model`` on ``dataset`` and test it, as :func:`recbole.quick_start.run_recbole`.
 
@@ -71,7 +70,7 @@ def run_recbole_ilora(
     log_file = init_logger(config)
     distributed.quiet_other_ranks()  # distributed: only rank 0 logs
     try:
-        return {**_train_and_test(config, saved, queue), "log_file": str(log_file)}
+        return {**_train_and_test(config, saved), "log_file": str(log_file)}
     except KeyboardInterrupt as interrupt:
         if isinstance(interrupt, TrainingInterrupted):
             raise  # the plugin trainer stopped at a step and said how to resume
@@ -83,7 +82,7 @@ def run_recbole_ilora(
         _remove_run_handlers(handlers_before)
 
 
-def _train_and_test(config, saved, queue):
+def _train_and_test(config, saved):
     logger = getLogger()
     logger.debug(f"Command line: {sys.argv}")
     logger.debug(config)
@@ -164,8 +163,6 @@ def _train_and_test(config, saved, queue):
     }
     if not config["single_spec"]:
         torch.distributed.destroy_process_group()
-    if config["local_rank"] == 0 and queue is not None:
-        queue.put(result)
     return result
 
 

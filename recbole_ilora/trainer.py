@@ -92,6 +92,7 @@ class iLoRATrainer(Trainer):
     ddp_forward_is_calculate_loss = True
 
     def __init__(self, config, model):
+        self.check_settings(config)
         self.accumulation_steps = max(1, int(config["gradient_accumulation_steps"]))
         super().__init__(config, model)
         self.scheduler = None
@@ -106,6 +107,21 @@ class iLoRATrainer(Trainer):
         self.learning_curve: list[dict] = []
         if self._should_compile(config):
             model.compile_llm()
+
+    @staticmethod
+    def check_settings(config) -> None:
+        """RecBole's training settings that this trainer does its own way: one line for any it would ignore."""
+        model = config["model"]
+        if str(config["learner"] or "adamw").lower() != "adamw":
+            raise ConfigError(f"learner={config['learner']!r}: {model} trains with AdamW (per-group learning rates and "
+                              f"weight decay, the authors' optimiser); leave learner out or set it to adamw.")
+        if config["clip_grad_norm"]:
+            raise ConfigError(f"clip_grad_norm={config['clip_grad_norm']!r} is RecBole's clipping; {model} clips with "
+                              f"max_grad_norm (now {config['max_grad_norm']!r}): set that instead and leave clip_grad_norm out.")
+        for key in ("enable_amp", "enable_scaler"):
+            if config[key]:
+                raise ConfigError(f"{key}={config[key]!r}: {model} sets its precision with llm_dtype (auto: bf16 on a GPU, "
+                                  f"fp32 on a CPU) and uses no gradient scaler; leave {key} out.")
 
     @staticmethod
     def _should_compile(config) -> bool:

@@ -6,6 +6,7 @@ scripted, so which epoch improves is known and the patience arithmetic can be ch
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import pytest
@@ -13,8 +14,9 @@ import torch
 from recbole.data import create_dataset, data_preparation
 from recbole.utils import init_seed
 
-from recbole_ilora.config import Config
+from recbole_ilora.config import Config, ConfigError
 from recbole_ilora.pipeline import build_model
+from recbole_ilora.quick_start import run_recbole_ilora
 from recbole_ilora.trainer import iLoRATrainer, rng_states, set_rng_states
 from tests.helpers import TINY_LLM
 
@@ -138,3 +140,32 @@ def test_a_short_last_accumulation_window_steps_on_the_mean_loss_of_its_own_micr
         assert expected.keys() == grads.keys()
         for name, grad in grads.items():
             torch.testing.assert_close(grad, expected[name], msg=name)
+
+
+@pytest.fixture(scope="module")
+def model(data):
+    overrides, train, _ = data
+    config = Config(model="iLoRA", dataset="ml-100k-slice", config_dict=overrides)
+    init_seed(config["seed"], True)
+    return build_model(config, train._dataset)
+
+
+@pytest.mark.parametrize("setting", [{"learner": "sgd"}, {"clip_grad_norm": {"max_norm": 5.0}}, {"enable_amp": True},
+                                     {"enable_scaler": True}])
+def test_recbole_training_settings_the_llm_trainer_would_ignore_are_refused_in_one_line(data, model, setting):
+    config = Config(model="iLoRA", dataset="ml-100k-slice", config_dict={**data[0], **setting})
+    with pytest.raises(ConfigError) as refused:
+        iLoRATrainer(config, model)
+    (key,) = setting
+    assert "\n" not in str(refused.value) and str(refused.value).startswith(f"{key}=")
+
+
+def test_the_llm_trainer_honours_learner_adamw_its_default(data, model):
+    for changes in ({}, {"learner": "AdamW"}):
+        config = Config(model="iLoRA", dataset="ml-100k-slice", config_dict={**data[0], **changes})
+        assert config["learner"].lower() == "adamw"
+        assert isinstance(iLoRATrainer(config, model).optimizer, torch.optim.AdamW)
+
+
+def test_run_recbole_ilora_takes_no_queue():
+    assert "queue" not in inspect.signature(run_recbole_ilora).parameters
