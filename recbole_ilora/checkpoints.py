@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from recbole_ilora.config import RUNTIME_KEYS as CONFIG_RUNTIME_KEYS
 from recbole_ilora.config import Config, ConfigError
 from recbole_ilora.utils import NON_RESULT_KEYS, differing_settings
 
@@ -83,7 +84,7 @@ def eval_checkpoint_config(config) -> Config:
             f"{config['model']} on {config['dataset']}: give --model={trained['model']} --dataset={trained['dataset']}, "
             f"or a checkpoint of {config['model']}.")
     given = dict(config.external_config_dict)
-    free = NON_RESULT_KEYS | EVALUATION_KEYS | RUNTIME_KEYS
+    free = NON_RESULT_KEYS | EVALUATION_KEYS | RUNTIME_KEYS | CONFIG_RUNTIME_KEYS
     contradicted = {key for key in given if key not in free and config[key] != trained[key]}
     if contradicted:
         differing = differing_settings({key: trained[key] for key in contradicted},
