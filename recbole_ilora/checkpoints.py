@@ -49,18 +49,25 @@ def run_settings(config) -> dict:
             if key not in RUNTIME_KEYS and _json_value(value)}
 
 
+def load_checkpoint_file(path, setting: str, missing_hint: str):
+    """``torch.load`` of a checkpoint this machine's runs wrote (they pickle RecBole's Config: load only your own);
+    one line when it is missing (``missing_hint`` says where to look) or unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{setting}={path}: no such file. {missing_hint}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, ModuleNotFoundError) as error:
+        first_line = str(error).splitlines()[0] if str(error) else ""
+        raise CheckpointError(f"{setting}={path} cannot be read as a PyTorch checkpoint ({type(error).__name__}: "
+                              f"{first_line}).") from None
+
+
 def read_model_checkpoint(path, setting: str = "eval_checkpoint") -> dict:
     """The best-model checkpoint at ``path`` (a dict with ``config`` and ``state_dict``), or one line saying why not."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{setting}={path}: no such file. Give a .pth a training run saved (in its checkpoint_dir, "
-                              f"default outputs/saved/).")
-    try:
-        # Checkpoints pickle RecBole's Config: only load files you wrote yourself.
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, ModuleNotFoundError) as error:
-        raise CheckpointError(f"{setting}={path} cannot be read as a PyTorch checkpoint ({type(error).__name__}: "
-                              f"{str(error).splitlines()[0] if str(error) else ''}).") from None
+    checkpoint = load_checkpoint_file(path, setting, "Give a .pth a training run saved (in its checkpoint_dir, default "
+                                                     "outputs/saved/).")
     if isinstance(checkpoint, dict) and checkpoint.get("kind") == "resume":
         raise CheckpointError(f"{setting}={path} is a resume checkpoint; give the best-model checkpoint beside it "
                               f"({path.name.removesuffix('.resume')}), or continue training with --resume={path}.")

@@ -40,6 +40,8 @@ from recbole.utils import get_trainer as get_recbole_trainer
 from recbole.utils import set_color
 from tqdm.auto import tqdm
 
+from recbole_ilora.checkpoints import CheckpointError, load_checkpoint_file, run_settings
+from recbole_ilora.config import ConfigError
 from recbole_ilora.distributed import (
     any_rank,
     barrier,
@@ -55,8 +57,6 @@ from recbole_ilora.distributed import (
 from recbole_ilora.evaluation import generation_metrics
 from recbole_ilora.gate_encoder import gate_encoder_path
 from recbole_ilora.interrupt import TrainingInterrupted, two_stage_interrupt
-from recbole_ilora.checkpoints import run_settings
-from recbole_ilora.config import ConfigError
 from recbole_ilora.utils import atomic_path, differing_settings, get_model, result_settings
 
 RESUME_SUFFIX = ".resume"
@@ -339,26 +339,26 @@ class iLoRATrainer(Trainer):
         best-model checkpoint beside it and the early-stopping state of the interrupted run.
         """
         path = Path(resume_file)
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"resume={path}: no such file. A run writes <saved_model_file>{RESUME_SUFFIX} next to its best-model "
-                f"checkpoint (in checkpoint_dir) and logs the command that resumes it when interrupted."
-            )
-        checkpoint = self.load_checkpoint(str(path))
-        if checkpoint.get("kind") != "resume":
-            raise ValueError(
+        checkpoint = load_checkpoint_file(
+            path, "resume", f"A run writes <saved_model_file>{RESUME_SUFFIX} next to its best-model checkpoint (in "
+                            f"checkpoint_dir) and logs the command that resumes it when interrupted.")
+        if isinstance(checkpoint, dict) and "state_dict" in checkpoint and checkpoint.get("kind") != "resume":
+            raise CheckpointError(
                 f"resume={path} is a best-model checkpoint; exact resume needs the resume checkpoint written "
                 f"beside it: {path}{RESUME_SUFFIX}."
             )
+        if not isinstance(checkpoint, dict) or checkpoint.get("kind") != "resume":
+            raise CheckpointError(f"resume={path} is not a resume checkpoint of recbole-ilora (<saved_model_file>"
+                                  f"{RESUME_SUFFIX}).")
         for key, here in (("model", self.config["model"]), ("dataset", self.config["dataset"]),
                           ("world_size", get_world_size())):
             if checkpoint[key] != here:
-                raise ValueError(f"resume={path} was written by a run with {key}={checkpoint[key]!r}; this run has "
+                raise CheckpointError(f"resume={path} was written by a run with {key}={checkpoint[key]!r}; this run has "
                                  f"{key}={here!r}. Resume with the settings of the interrupted run.")
         if "settings" in checkpoint:  # resume checkpoints of earlier versions did not record them
             differing = differing_settings(checkpoint["settings"], result_settings(self.config.final_config_dict))
             if differing:
-                raise ConfigError(f"resume={path} was written by a run with other settings: {differing}. Resume with "
+                raise CheckpointError(f"resume={path} was written by a run with other settings: {differing}. Resume with "
                                   f"the interrupted run's settings, or train anew without resume.")
         self.model.load_trainable_state_dict(checkpoint.pop("state_dict"))
         # The best-model checkpoint is the resume file's name without the suffix (still right if the folder moved).
@@ -380,7 +380,7 @@ class iLoRATrainer(Trainer):
     def _check_resume_fits(self, batches_per_epoch: int) -> None:
         state = self._resume_state
         if (state["batches_per_epoch"], state["total_steps"]) != (batches_per_epoch, self.total_steps):
-            raise ValueError(
+            raise CheckpointError(
                 f"The resume checkpoint was written by a run of {state['batches_per_epoch']} batches per epoch and "
                 f"{state['total_steps']} optimiser steps in all; this run has {batches_per_epoch} and "
                 f"{self.total_steps}. Resume with the interrupted run's data and settings (epochs, "
@@ -420,7 +420,7 @@ class iLoRATrainer(Trainer):
 def resume_training(trainer, resume_file) -> None:
     """``resume: PATH``: continue an interrupted run exactly (the plugin's LLM models only)."""
     if not isinstance(trainer, iLoRATrainer):
-        raise ValueError(
+        raise CheckpointError(
             f"resume={resume_file}: exact resume is implemented for the plugin's models (iLoRA, LLaRA, TALLRec) "
             f"only; {trainer.config['model']} is a RecBole baseline: train it again without resume (RecBole's "
             f"resume_checkpoint restores weights and optimizer but not the data order or random state)."

@@ -179,11 +179,11 @@ def test_second_sigint_stops_at_once_and_the_handler_is_restored(trainer):
 
 def test_resume_refuses_what_it_cannot_continue_exactly(trainer, ml100k_slice, tmp_path):
     trainer._save_checkpoint(0, verbose=False, saved_model_file=str(tmp_path / "best.pth"))
-    with pytest.raises(ValueError, match="best-model checkpoint"):
+    with pytest.raises(ConfigError, match="best-model checkpoint"):  # ConfigError: one line on the command line
         trainer.resume_checkpoint(tmp_path / "best.pth")
-    with pytest.raises(FileNotFoundError, match="no such file"):
+    with pytest.raises(ConfigError, match="no such file"):
         trainer.resume_checkpoint(tmp_path / "missing.pth.resume")
-    with pytest.raises(ValueError, match="RecBole baseline"):
+    with pytest.raises(ConfigError, match="RecBole baseline"):
         run_recbole_ilora("SASRec", "ml-100k-slice", config_dict={
             **ml100k_slice, "checkpoint_dir": str(tmp_path), "resume": str(tmp_path / "best.pth")})
 
@@ -241,3 +241,15 @@ def test_a_resumed_run_keeps_the_learning_curve_points_of_before_the_interruptio
     whole = run_recbole_ilora("iLoRA", "ml-100k-slice", config_dict=curve_settings(settings_file, tmp_path / "whole"))
     assert [point["epoch"] for point in whole["learning_curve"]] == [1, 2]
     assert resumed["learning_curve"] == whole["learning_curve"]
+
+
+@pytest.mark.parametrize("content", [b"not a checkpoint", None])
+def test_resume_from_a_file_that_is_no_resume_checkpoint_is_one_line(trainer, tmp_path, content):
+    path = tmp_path / "other.pth.resume"
+    if content is None:
+        torch.save({"some": "dict"}, path)
+    else:
+        path.write_bytes(content)
+    with pytest.raises(ConfigError) as refused:
+        trainer.resume_checkpoint(path)
+    assert "\n" not in str(refused.value) and str(refused.value).startswith(f"resume={path}")
