@@ -12,6 +12,8 @@ import argparse
 import sys
 from typing import Sequence
 
+from recbole_ilora.overrides import OverrideError, parse_overrides, parse_with_overrides  # noqa: F401 - also imported from here
+
 EPILOG = """\
 Leaderboard (grid of models x datasets x seeds, resumable, exported as Markdown/CSV/LaTeX/JSON/PNG):
   run_recbole_ilora.py --leaderboard properties/leaderboard.yaml
@@ -66,42 +68,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class OverrideError(ValueError):
-    pass
-
-
-def parse_overrides(extra: Sequence[str]) -> dict:
-    """Turn ``["--epochs=3", "--learning_rate=1e-3"]`` into a dict of RecBole-typed values."""
-    overrides: dict = {}
-    for arg in extra:
-        if not arg.startswith("--") or "=" not in arg:
-            raise OverrideError(
-                f"Cannot read the argument {arg!r}: RecBole settings are given as --key=value "
-                f"(for example --epochs=3). See run_recbole_ilora.py --help."
-            )
-        key, value = arg[2:].split("=", 1)
-        if key in overrides and overrides[key] != value:
-            raise OverrideError(f"--{key} is given twice with different values.")
-        overrides[key] = value
-    return _convert_values(overrides)
-
-
-def _convert_values(overrides: dict) -> dict:
-    # RecBole's own conversion (eval of literals, true/false), without building a Config.
-    from recbole.config import Config as RecBoleConfig
-
-    return RecBoleConfig._convert_config_dict(None, dict(overrides))
-
-
-def parse_with_overrides(parser: argparse.ArgumentParser, argv: Sequence[str] | None):
-    """``(args, overrides)``: the parser's own options, and every other ``--key=value`` as typed settings."""
-    args, extra = parser.parse_known_args(argv)
-    try:
-        return args, parse_overrides(extra)
-    except OverrideError as error:
-        parser.error(str(error))
-
-
 def main(argv: Sequence[str] | None = None) -> dict:
     parser = build_parser()
     args, overrides = parse_with_overrides(parser, argv)
@@ -143,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if args.results is not None or args.export_only or args.shard is not None or args.jobs is not None:
         parser.error("--results, --export_only, --shard and --jobs only apply with --leaderboard GRID.yaml.")
     # distributed: --nproc=N (mp.spawn, RecBole's settings nproc/world_size/ip/port/group_offset) or torchrun.
-    from recbole_ilora.distributed.launch import run_from_command_line
+    from recbole_ilora.launch import run_from_command_line
 
     try:
         return run_from_command_line(args.model, args.dataset, config_files, overrides, saved=not args.no_save)

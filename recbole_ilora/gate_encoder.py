@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from recbole.utils import argument_list
 
-from recbole_ilora.utils import NON_RESULT_KEYS, fingerprint, isolated_rng
+from recbole_ilora.utils import fingerprint, isolated_rng, result_settings
 
 # Settings that define the data a gate encoder was trained on: RecBole's dataset arguments, the split
 # and the seed. Everything else of the LLM run (learning rate, batch size, epochs) is not passed on.
@@ -43,8 +43,7 @@ def gate_encoder_path(config) -> Path:
     """Where the gate encoder of ``config`` is: ``gate_checkpoint`` if set, else its place in the cache."""
     if config["gate_checkpoint"]:
         return Path(config["gate_checkpoint"])
-    defining = {k: v for k, v in gate_run_settings(config).items() if k not in NON_RESULT_KEYS}
-    digest = fingerprint({"dataset": config["dataset"], **defining})
+    digest = fingerprint({"dataset": config["dataset"], **result_settings(gate_run_settings(config))})
     return Path(config["checkpoint_dir"]) / "gate_encoders" / f"SASRec-{config['dataset']}-{digest}.pth"
 
 

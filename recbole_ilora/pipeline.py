@@ -62,11 +62,18 @@ def _pretrain(dataset_name: str, settings: dict, path: Path) -> Path:
     train_data, valid_data, _ = data_preparation(sasrec_config, dataset)
     init_seed(sasrec_config["seed"], sasrec_config["reproducibility"])
     model = SASRec(sasrec_config, train_data._dataset).to(sasrec_config["device"])
-    trainer = Trainer(sasrec_config, model)
-    with atomic_path(path) as partial:  # parallel runs may pretrain the same encoder
+
+    class GateTrainer(Trainer):
+        def _save_checkpoint(self, epoch, verbose=True, **kwargs):
+            # It writes to the temporary file of atomic_path: not a name to show the user.
+            super()._save_checkpoint(epoch, verbose=False, **kwargs)
+
+    trainer = GateTrainer(sasrec_config, model)
+    with atomic_path(path) as partial:  # parallel runs may pretrain the same encoder; an interrupt leaves nothing
         trainer.saved_model_file = str(partial)
         trainer.fit(train_data, valid_data, saved=True, show_progress=sasrec_config["show_progress"])
         checkpoint = torch.load(partial, map_location="cpu", weights_only=False)  # written just above
         checkpoint["item_tokens_digest"] = item_tokens_digest(dataset)
         torch.save(checkpoint, partial)
+    logger.info(f"Saved the gate encoder to {path}")
     return path

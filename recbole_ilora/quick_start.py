@@ -17,13 +17,15 @@ from recbole.data.transform import construct_transform
 from recbole.utils import get_environment, get_flops, init_seed, set_color
 
 from recbole_ilora import distributed
+from recbole_ilora.checkpoints import eval_checkpoint_config
 from recbole_ilora.config import Config
 from recbole_ilora.data import check_atomic_files, check_dataset
 from recbole_ilora.evaluation import RecordingEvaluator, per_user_metrics, prepare_eval_loaders
+from recbole_ilora.interrupt import TrainingInterrupted
 from recbole_ilora.outputs import init_logger, resolve_checkpoint_dir
 from recbole_ilora.pipeline import build_model
-from recbole_ilora.trainer import resume_training
-from recbole_ilora.utils import get_trainer, is_plugin_model, isolated_rng
+from recbole_ilora.trainer import get_trainer, resume_training
+from recbole_ilora.utils import is_plugin_model, isolated_rng
 
 SLOW_RUN_WARNING_HOURS = 1.0
 
@@ -51,7 +53,6 @@ def run_recbole_ilora(
     config_file_list=None,
     config_dict=None,
     saved=True,
-    queue=None,
 ):
     """Train ``model`` on ``dataset`` and test it, as :func:`recbole.quick_start.run_recbole`.
 
@@ -61,18 +62,27 @@ def run_recbole_ilora(
     CPU), ``device`` and ``log_file``.
     """
     config = Config(model=model, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict)
+    if config["eval_checkpoint"]:
+        config = eval_checkpoint_config(config)  # the settings it was trained with (one line if contradicted)
     init_seed(config["seed"], config["reproducibility"])
     resolve_checkpoint_dir(config)
     handlers_before = set(logging.getLogger().handlers)
     log_file = init_logger(config)
     distributed.quiet_other_ranks()  # distributed: only rank 0 logs
     try:
-        return {**_train_and_test(config, saved, queue), "log_file": str(log_file)}
+        return {**_train_and_test(config, saved), "log_file": str(log_file)}
+    except KeyboardInterrupt as interrupt:
+        if isinstance(interrupt, TrainingInterrupted):
+            raise  # the plugin trainer stopped at a step and said how to resume
+        # A RecBole baseline (whose trainer has no handler), or a second Ctrl-C: one line, no traceback.
+        message = f"Interrupted: {config['model']} on {config['dataset']} stopped at once, without a resume checkpoint."
+        getLogger().warning(message)
+        raise TrainingInterrupted(message) from None
     finally:
         _remove_run_handlers(handlers_before)
 
 
-def _train_and_test(config, saved, queue):
+def _train_and_test(config, saved):
     logger = getLogger()
     logger.debug(f"Command line: {sys.argv}")
     logger.debug(config)
@@ -110,7 +120,8 @@ def _train_and_test(config, saved, queue):
 
     if config["resume"]:
         resume_training(trainer, config["resume"])  # exact resume of an interrupted run (plugin models)
-    curve, progress = [], distributed.show_progress(config)
+    # The plugin trainer keeps the curve (a resumed run continues the interrupted run's); RecBole's has none.
+    curve, progress = getattr(trainer, "learning_curve", []), distributed.show_progress(config)
     start = time.perf_counter()
     if config["eval_checkpoint"]:
         # A trained checkpoint, evaluated as it is (e.g. with another score_aggregation): no training.
@@ -152,8 +163,6 @@ def _train_and_test(config, saved, queue):
     }
     if not config["single_spec"]:
         torch.distributed.destroy_process_group()
-    if config["local_rank"] == 0 and queue is not None:
-        queue.put(result)
     return result
 
 

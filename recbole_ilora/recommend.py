@@ -28,30 +28,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from recbole_ilora.checkpoints import run_settings
+
 PRETRAINED_SETTINGS = "recbole_settings.json"
 PRETRAINED_GATE_ENCODER = "gate_encoder.pth"
-# Settings that describe the process a run happened in, not what it computes: not carried over.
-_RUNTIME_KEYS = {"model", "dataset", "device", "gpu_id", "use_gpu", "local_rank", "world_size", "nproc", "offset",
-                 "ip", "port", "single_spec", "resume", "eval_checkpoint", "ddp_init_method", "state"}
 
 
 class RecommendError(ValueError):
     """A checkpoint, user or item that cannot be used; the message says which and why."""
-
-
-def _json_value(value) -> bool:
-    try:
-        json.dumps(value)
-        return True
-    except (TypeError, ValueError):
-        return False
-
-
-def run_settings(config) -> dict:
-    """The settings a run was given (its config files and overrides; the defaults files supply the rest), but the
-    process's own: what rebuilds its model and data."""
-    return {key: value for key, value in config.external_config_dict.items()
-            if key not in _RUNTIME_KEYS and _json_value(value)}
 
 
 def save_pretrained(model, config, folder) -> Path:

@@ -1,4 +1,4 @@
-"""Trainers of the plugin models (resolved by ``recbole_ilora.utils.get_trainer``).
+"""Trainers of the plugin models (resolved by :func:`get_trainer`).
 
 :class:`iLoRATrainer` (also LLaRA's and TALLRec's, found through the model's base class) is RecBole's
 ``Trainer`` -- its epoch loop, validation, early stopping, logging and evaluators are kept -- with what
@@ -30,18 +30,18 @@ import math
 import os
 import random
 import shlex
-import signal
 import sys
-import threading
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 from recbole.trainer import Trainer
+from recbole.utils import get_trainer as get_recbole_trainer
 from recbole.utils import set_color
 from tqdm.auto import tqdm
 
+from recbole_ilora.checkpoints import CheckpointError, load_checkpoint_file, run_settings
+from recbole_ilora.config import ConfigError
 from recbole_ilora.distributed import (
     any_rank,
     barrier,
@@ -55,23 +55,11 @@ from recbole_ilora.distributed import (
     training_loss,
 )
 from recbole_ilora.evaluation import generation_metrics
-from recbole_ilora.utils import atomic_path
+from recbole_ilora.gate_encoder import gate_encoder_path
+from recbole_ilora.interrupt import TrainingInterrupted, two_stage_interrupt
+from recbole_ilora.utils import atomic_path, differing_settings, get_model, result_settings
 
 RESUME_SUFFIX = ".resume"
-
-
-class TrainingInterrupted(KeyboardInterrupt):
-    """Training stopped on Ctrl-C at an optimiser step boundary; ``resume_file`` continues it exactly.
-
-    A ``KeyboardInterrupt``: whoever handles Ctrl-C (the leaderboard) handles it.
-    """
-
-    def __init__(self, message: str, resume_file: str | None = None):
-        super().__init__(message)
-        self.resume_file = resume_file
-
-    def __reduce__(self):
-        return type(self), (self.args[0], self.resume_file)
 
 
 def rng_states() -> dict:
@@ -104,6 +92,7 @@ class iLoRATrainer(Trainer):
     ddp_forward_is_calculate_loss = True
 
     def __init__(self, config, model):
+        self.check_settings(config)
         self.accumulation_steps = max(1, int(config["gradient_accumulation_steps"]))
         super().__init__(config, model)
         self.scheduler = None
@@ -114,8 +103,25 @@ class iLoRATrainer(Trainer):
         self._saving = False  # fit(saved=True) turns resume checkpoints on
         self._stop_requested = False
         self._epoch_loader_rng = None
+        # Points of learning_curve: true, appended by the run's validation callback; kept by resume checkpoints.
+        self.learning_curve: list[dict] = []
         if self._should_compile(config):
             model.compile_llm()
+
+    @staticmethod
+    def check_settings(config) -> None:
+        """RecBole's training settings that this trainer does its own way: one line for any it would ignore."""
+        model = config["model"]
+        if str(config["learner"] or "adamw").lower() != "adamw":
+            raise ConfigError(f"learner={config['learner']!r}: {model} trains with AdamW (per-group learning rates and "
+                              f"weight decay, the authors' optimiser); leave learner out or set it to adamw.")
+        if config["clip_grad_norm"]:
+            raise ConfigError(f"clip_grad_norm={config['clip_grad_norm']!r} is RecBole's clipping; {model} clips with "
+                              f"max_grad_norm (now {config['max_grad_norm']!r}): set that instead and leave clip_grad_norm out.")
+        for key in ("enable_amp", "enable_scaler"):
+            if config[key]:
+                raise ConfigError(f"{key}={config[key]!r}: {model} sets its precision with llm_dtype (auto: bf16 on a GPU, "
+                                  f"fp32 on a CPU) and uses no gradient scaler; leave {key} out.")
 
     @staticmethod
     def _should_compile(config) -> bool:
@@ -203,6 +209,9 @@ class iLoRATrainer(Trainer):
             self.model.training_progress = min(1.0, self.global_step / self.total_steps)
             last_batch = batch_idx + 1 == num_batches
             step_now = (batch_idx + 1) % self.accumulation_steps == 0 or last_batch
+            # The epoch's last window may be short: its loss is the mean over its own micro-batches.
+            window_start = batch_idx - batch_idx % self.accumulation_steps
+            window_size = min(self.accumulation_steps, num_batches - window_start)
             # distributed: calculate_loss runs as DDP's forward; gradients are all-reduced on the
             # micro-batch that ends an accumulation window only (no_sync on the others).
             with gradient_sync(self, step_now):
@@ -212,7 +221,7 @@ class iLoRATrainer(Trainer):
                         f"Training loss is {loss.item()} at epoch {epoch_idx}, batch {batch_idx}: lower learning_rate "
                         f"or check the data."
                     )
-                (loss / self.accumulation_steps).backward()
+                (loss / window_size).backward()
             total_loss += loss.item()
             if step_now:
                 if max_norm:
@@ -229,26 +238,16 @@ class iLoRATrainer(Trainer):
         return mean_across_ranks(total_loss / max(1, num_batches))  # distributed: all ranks' mean
 
     # ---------------------------------------------------------------------------- interruption
-    @contextmanager
     def _stop_on_interrupt(self):
         """SIGINT during the block: the first asks for a stop at the next optimiser step, a second stops at once."""
         self._stop_requested = False
-        if threading.current_thread() is not threading.main_thread():
-            yield  # signal handlers can only be set from the main thread
-            return
 
-        def request_stop(signum, frame):
-            if self._stop_requested:
-                signal.default_int_handler(signum, frame)
+        def request_stop():
             self._stop_requested = True
             self.logger.warning("Interrupt: stopping after the current optimiser step with a resume checkpoint "
                                 "(interrupt again to stop at once, without one).")
 
-        previous = signal.signal(signal.SIGINT, request_stop)
-        try:
-            yield
-        finally:
-            signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+        return two_stage_interrupt(request_stop)
 
     def _step_boundary(self, epoch, position, num_batches, loss_sum, checkpoint_due: bool):
         """After ``position`` batches of ``epoch``: write the resume checkpoint when due or asked to stop; stop."""
@@ -280,11 +279,19 @@ class iLoRATrainer(Trainer):
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "trainable_only": True,
+            # What evaluating it later needs without the pickled Config: recbole_ilora.checkpoints.
+            "settings": run_settings(self.config),
+            "gate_encoder": self._gate_encoder_file(),
         }
         with atomic_path(saved_model_file) as partial:  # a run killed while saving keeps its previous best
             torch.save(state, partial, pickle_protocol=4)
         if verbose:
             self.logger.info(set_color("Saving current", "blue") + f": {saved_model_file}")
+
+    def _gate_encoder_file(self) -> str | None:
+        if getattr(self.model, "gate_encoder", None) is None:
+            return None
+        return str(gate_encoder_path(self.config).resolve())
 
     def _save_resume_checkpoint(self, epoch, position, num_batches, loss_sum):
         """Write ``<saved_model_file>.resume``: all a run needs to continue exactly after ``position`` batches."""
@@ -298,6 +305,8 @@ class iLoRATrainer(Trainer):
             "model": self.config["model"],
             "dataset": self.config["dataset"],
             "world_size": get_world_size(),
+            "settings": result_settings(self.config.final_config_dict),
+            "learning_curve": list(self.learning_curve),
             "epoch": epoch,
             "position": position,
             "batches_per_epoch": num_batches,
@@ -330,22 +339,27 @@ class iLoRATrainer(Trainer):
         best-model checkpoint beside it and the early-stopping state of the interrupted run.
         """
         path = Path(resume_file)
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"resume={path}: no such file. A run writes <saved_model_file>{RESUME_SUFFIX} next to its best-model "
-                f"checkpoint (in checkpoint_dir) and logs the command that resumes it when interrupted."
-            )
-        checkpoint = self.load_checkpoint(str(path))
-        if checkpoint.get("kind") != "resume":
-            raise ValueError(
+        checkpoint = load_checkpoint_file(
+            path, "resume", f"A run writes <saved_model_file>{RESUME_SUFFIX} next to its best-model checkpoint (in "
+                            f"checkpoint_dir) and logs the command that resumes it when interrupted.")
+        if isinstance(checkpoint, dict) and "state_dict" in checkpoint and checkpoint.get("kind") != "resume":
+            raise CheckpointError(
                 f"resume={path} is a best-model checkpoint; exact resume needs the resume checkpoint written "
                 f"beside it: {path}{RESUME_SUFFIX}."
             )
+        if not isinstance(checkpoint, dict) or checkpoint.get("kind") != "resume":
+            raise CheckpointError(f"resume={path} is not a resume checkpoint of recbole-ilora (<saved_model_file>"
+                                  f"{RESUME_SUFFIX}).")
         for key, here in (("model", self.config["model"]), ("dataset", self.config["dataset"]),
                           ("world_size", get_world_size())):
             if checkpoint[key] != here:
-                raise ValueError(f"resume={path} was written by a run with {key}={checkpoint[key]!r}; this run has "
+                raise CheckpointError(f"resume={path} was written by a run with {key}={checkpoint[key]!r}; this run has "
                                  f"{key}={here!r}. Resume with the settings of the interrupted run.")
+        if "settings" in checkpoint:  # resume checkpoints of earlier versions did not record them
+            differing = differing_settings(checkpoint["settings"], result_settings(self.config.final_config_dict))
+            if differing:
+                raise CheckpointError(f"resume={path} was written by a run with other settings: {differing}. Resume with "
+                                  f"the interrupted run's settings, or train anew without resume.")
         self.model.load_trainable_state_dict(checkpoint.pop("state_dict"))
         # The best-model checkpoint is the resume file's name without the suffix (still right if the folder moved).
         beside = path.with_name(path.name[: -len(RESUME_SUFFIX)]) if path.name.endswith(RESUME_SUFFIX) else None
@@ -356,6 +370,7 @@ class iLoRATrainer(Trainer):
         self.best_valid_score = checkpoint["best_valid_score"]
         self.best_valid_result = checkpoint["best_valid_result"]
         self.train_loss_dict = dict(checkpoint["train_loss_dict"])
+        self.learning_curve = list(checkpoint.get("learning_curve", []))
         self._resume_state = checkpoint
         self.logger.info(
             f"Resuming {path} at epoch {self.start_epoch}, batch {checkpoint['position']} of "
@@ -365,7 +380,7 @@ class iLoRATrainer(Trainer):
     def _check_resume_fits(self, batches_per_epoch: int) -> None:
         state = self._resume_state
         if (state["batches_per_epoch"], state["total_steps"]) != (batches_per_epoch, self.total_steps):
-            raise ValueError(
+            raise CheckpointError(
                 f"The resume checkpoint was written by a run of {state['batches_per_epoch']} batches per epoch and "
                 f"{state['total_steps']} optimiser steps in all; this run has {batches_per_epoch} and "
                 f"{self.total_steps}. Resume with the interrupted run's data and settings (epochs, "
@@ -405,9 +420,21 @@ class iLoRATrainer(Trainer):
 def resume_training(trainer, resume_file) -> None:
     """``resume: PATH``: continue an interrupted run exactly (the plugin's LLM models only)."""
     if not isinstance(trainer, iLoRATrainer):
-        raise ValueError(
+        raise CheckpointError(
             f"resume={resume_file}: exact resume is implemented for the plugin's models (iLoRA, LLaRA, TALLRec) "
             f"only; {trainer.config['model']} is a RecBole baseline: train it again without resume (RecBole's "
             f"resume_checkpoint restores weights and optimizer but not the data order or random state)."
         )
     trainer.resume_checkpoint(resume_file)
+
+
+# The plugin trainers by the model class they train; a subclass (LLaRA, TALLRec of iLoRA) trains with its base's.
+PLUGIN_TRAINERS = {"iLoRA": iLoRATrainer}
+
+
+def get_trainer(model_type, model_name: str):
+    """The plugin trainer of the model or of one of its base classes, else RecBole's choice."""
+    for model_class in get_model(model_name).__mro__:
+        if model_class.__name__ in PLUGIN_TRAINERS:
+            return PLUGIN_TRAINERS[model_class.__name__]
+    return get_recbole_trainer(model_type, model_name)

@@ -1,7 +1,7 @@
-"""Small helpers shared across the plugin: model/trainer lookup, the properties folder, fingerprints,
+"""Small helpers shared across the plugin: model lookup, the properties folder, fingerprints,
 atomic writes, and which settings do not change a run's results.
 
-Lookup follows RecBole-GNN: plugin classes first, then RecBole's own.
+Lookup follows RecBole-GNN: plugin classes first, then RecBole's own (trainers: ``recbole_ilora.trainer.get_trainer``).
 """
 
 from __future__ import annotations
@@ -17,39 +17,46 @@ from pathlib import Path
 from typing import Iterator
 
 from recbole.utils import get_model as get_recbole_model
-from recbole.utils import get_trainer as get_recbole_trainer
 
 PLUGIN_MODEL_PACKAGE = "recbole_ilora.model"
-PLUGIN_TRAINER_MODULE = "recbole_ilora.trainer"
 
 # Settings that change what a run prints or where it writes, never its metrics: they stay out of every
-# cache key and results hash, so turning progress bars on or moving outputs re-runs nothing.
+# cache key and results hash, so turning progress bars on or moving outputs re-runs nothing. The last
+# line: what each process of a run derives from how it was started (its rank, device, rendezvous).
 NON_RESULT_KEYS = frozenset(
     {"show_progress", "state", "checkpoint_dir", "output_root", "gpu_id", "use_gpu", "worker", "log_wandb",
-     "resume", "checkpoint_every_steps", "learning_curve"}
+     "resume", "checkpoint_every_steps", "learning_curve",
+     "local_rank", "device", "ip", "port", "offset", "group_offset", "ddp_init_method"}
 )
+
+
+def result_settings(settings) -> dict:
+    """The settings of ``settings`` (a dict or a Config's ``final_config_dict``) that can change a run's results.
+
+    The one definition: the leaderboard's results hash, the gate encoder's cache key and resume's check.
+    """
+    return {key: value for key, value in dict(settings).items() if key not in NON_RESULT_KEYS}
+
+
+def differing_settings(recorded: dict, current: dict) -> str:
+    """``"key=recorded (now current), ..."`` for every key whose value differs; empty when none does."""
+    unset = "<unset>"
+    keys = sorted(set(recorded) | set(current), key=str)
+    return ", ".join(f"{key}={recorded.get(key, unset)!r} (now {current.get(key, unset)!r})"
+                     for key in keys if recorded.get(key, unset) != current.get(key, unset))
 
 
 # ---------------------------------------------------------------------------------------------- lookup
 def get_model(model_name: str):
-    """Return the model class called ``model_name``: a plugin model if one exists, else RecBole's."""
+    """Return the model class called ``model_name``: a plugin model if one exists, else RecBole's.
+
+    By name through importlib, as RecBole does: the models import this module, and a model's file is only
+    loaded when asked for (the LLM models pull in transformers and peft).
+    """
     module_path = f"{PLUGIN_MODEL_PACKAGE}.{model_name.lower()}"
     if importlib.util.find_spec(module_path) is not None:
         return getattr(importlib.import_module(module_path), model_name)
     return get_recbole_model(model_name)
-
-
-def get_trainer(model_type, model_name: str):
-    """The plugin trainer named after the model or one of its base classes, else RecBole's choice.
-
-    ``LLaRA`` and ``TALLRec`` subclass ``iLoRA`` and so train with ``iLoRATrainer``.
-    """
-    trainers = importlib.import_module(PLUGIN_TRAINER_MODULE)
-    for model_class in get_model(model_name).__mro__:
-        trainer = getattr(trainers, f"{model_class.__name__}Trainer", None)
-        if trainer is not None:
-            return trainer
-    return get_recbole_trainer(model_type, model_name)
 
 
 def is_plugin_model(model_name: str) -> bool:
@@ -137,21 +144,21 @@ def isolated_rng(*generators) -> Iterator[None]:
     the states of ``generators`` (``torch.Generator`` objects such as a dataloader's own).
 
     For work whose RNG use depends on a cache (pretraining the gate encoder happens only when it is not
-    cached yet) or that only looks ahead (timing one batch): the run's later draws are then the same.
+    cached yet), that only looks ahead (timing one batch) or that seeds its own draws (fixed evaluation
+    negatives, the analysis's batches): the run's later draws are then the same. The plugin's one place
+    for this; torch's streams through ``torch.random.fork_rng``.
     """
     import numpy as np
     import torch
 
-    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    states = random.getstate(), np.random.get_state()
     own_states = [generator.get_state() for generator in generators]
+    in_use = torch.cuda.is_available() and torch.cuda.is_initialized()
     try:
-        yield
+        with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if in_use else []):
+            yield
     finally:
         random.setstate(states[0])
         np.random.set_state(states[1])
-        torch.set_rng_state(states[2])
-        if cuda is not None:
-            torch.cuda.set_rng_state_all(cuda)
         for generator, state in zip(generators, own_states):
             generator.set_state(state)

@@ -24,8 +24,8 @@ from recbole.utils import init_seed
 from recbole_ilora import distributed
 from recbole_ilora.cli import main as cli_main
 from recbole_ilora.config import Config
-from recbole_ilora.distributed.launch import spawn
 from recbole_ilora.distributed.process_group import cpu_threads_per_process
+from recbole_ilora.launch import spawn
 from recbole_ilora.evaluation import RecordingEvaluator, per_user_metrics, prepare_eval_loaders
 from recbole_ilora.pipeline import pretrain_gate_encoder
 from recbole_ilora.model.ilora import iLoRA
@@ -182,9 +182,9 @@ def test_layers_import_only_downwards():
         "print(' '.join(m for m in sys.modules if m.startswith('recbole_ilora')))"
     )
     for module, never in (
-        ("recbole_ilora.config", ("recbole_ilora.quick_start", "recbole_ilora.trainer", "recbole_ilora.distributed.launch")),
+        ("recbole_ilora.config", ("recbole_ilora.quick_start", "recbole_ilora.trainer", "recbole_ilora.launch")),
         ("recbole_ilora.distributed.ddp", ("recbole_ilora.quick_start", "recbole_ilora.trainer", "recbole_ilora.config")),
-        ("recbole_ilora.trainer", ("recbole_ilora.quick_start", "recbole_ilora.distributed.launch")),
+        ("recbole_ilora.trainer", ("recbole_ilora.quick_start", "recbole_ilora.launch")),
     ):
         out = subprocess.run([sys.executable, "-c", code, module], capture_output=True, text=True, check=True)
         loaded = set(out.stdout.split())

@@ -13,7 +13,7 @@ from recbole_ilora.config import Config
 from recbole_ilora.evaluation import prepare_eval_loaders
 from recbole_ilora.evaluation.negatives import PerUserSeededNegatives
 from recbole_ilora.pipeline import build_model
-from recbole_ilora.utils import get_trainer
+from recbole_ilora.trainer import get_trainer
 from tests.helpers import TINY_LLM, randomize_lora_b
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,11 +25,11 @@ import torch
 import yaml
 from recbole.data import create_dataset, data_preparation
 
-from recbole_ilora.config import Config
+from recbole_ilora.config import Config, ConfigError
 from recbole_ilora.pipeline import pretrain_gate_encoder
 from recbole_ilora.model.ilora import iLoRA
 from recbole_ilora.quick_start import run_recbole_ilora
-from recbole_ilora.trainer import iLoRATrainer
+from recbole_ilora.trainer import TrainingInterrupted, iLoRATrainer
 from tests.helpers import SLICE_SETTINGS, TINY_LLM, write_ml100k_slice
 
 REPO = Path(__file__).resolve().parent.parent
@@ -178,10 +179,77 @@ def test_second_sigint_stops_at_once_and_the_handler_is_restored(trainer):
 
 def test_resume_refuses_what_it_cannot_continue_exactly(trainer, ml100k_slice, tmp_path):
     trainer._save_checkpoint(0, verbose=False, saved_model_file=str(tmp_path / "best.pth"))
-    with pytest.raises(ValueError, match="best-model checkpoint"):
+    with pytest.raises(ConfigError, match="best-model checkpoint"):  # ConfigError: one line on the command line
         trainer.resume_checkpoint(tmp_path / "best.pth")
-    with pytest.raises(FileNotFoundError, match="no such file"):
+    with pytest.raises(ConfigError, match="no such file"):
         trainer.resume_checkpoint(tmp_path / "missing.pth.resume")
-    with pytest.raises(ValueError, match="RecBole baseline"):
+    with pytest.raises(ConfigError, match="RecBole baseline"):
         run_recbole_ilora("SASRec", "ml-100k-slice", config_dict={
             **ml100k_slice, "checkpoint_dir": str(tmp_path), "resume": str(tmp_path / "best.pth")})
+
+
+# A short in-process run with learning_curve on: 2 epochs of 2 optimiser steps, resume checkpoints at epoch ends.
+CURVE = {"learning_curve": True, "limit_train_batches": 2, "gradient_accumulation_steps": 1,
+         "checkpoint_every_steps": 0, "state": "WARNING"}
+
+
+def curve_settings(settings_file: Path, checkpoint_dir: Path) -> dict:
+    return {**yaml.safe_load(settings_file.read_text()), **CURVE, "checkpoint_dir": str(checkpoint_dir),
+            "output_root": str(checkpoint_dir)}
+
+
+@pytest.fixture(scope="module")
+def interrupted_run(settings_file, tmp_path_factory):
+    """The run above stopped by a Ctrl-C as its second epoch begins: its settings and its resume file."""
+    settings = curve_settings(settings_file, tmp_path_factory.mktemp("interrupted"))
+    train_epoch = iLoRATrainer._train_epoch
+
+    def interrupt_second_epoch(self, train_data, epoch_idx, *args, **kwargs):
+        if epoch_idx == 1:
+            signal.raise_signal(signal.SIGINT)  # the trainer's handler: stop at the next step boundary
+        return train_epoch(self, train_data, epoch_idx, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(iLoRATrainer, "_train_epoch", interrupt_second_epoch)
+        with pytest.raises(TrainingInterrupted) as stopped:
+            run_recbole_ilora("iLoRA", "ml-100k-slice", config_dict=settings)
+    return settings, Path(stopped.value.resume_file)
+
+
+def test_resume_refuses_changed_result_settings_naming_each_with_both_values(interrupted_run):
+    settings, resume_file = interrupted_run
+    before = Config(model="iLoRA", dataset="ml-100k-slice", config_dict=settings)
+    changed = {"learning_rate": before["learning_rate"] * 2, "num_candidates": before["num_candidates"] - 5}
+    with pytest.raises(ConfigError) as refused:
+        run_recbole_ilora("iLoRA", "ml-100k-slice", config_dict={
+            **settings, **changed, "resume": str(resume_file), "show_progress": True})  # display: no matter
+    message = str(refused.value)
+    assert "\n" not in message
+    for key, value in changed.items():
+        assert f"{key}={before[key]!r} (now {value!r})" in message
+    assert "show_progress" not in message and "resume=" in message
+    assert resume_file.is_file()  # refused before anything was trained or written
+
+
+def test_a_resumed_run_keeps_the_learning_curve_points_of_before_the_interruption(
+        settings_file, interrupted_run, tmp_path):
+    settings, resume_file = interrupted_run
+    copy = tmp_path / "interrupted"
+    shutil.copytree(resume_file.parent, copy)  # the resumed run removes its resume file at the end
+    resumed = run_recbole_ilora("iLoRA", "ml-100k-slice", config_dict={
+        **settings, "checkpoint_dir": str(copy), "resume": str(copy / resume_file.name)})
+    whole = run_recbole_ilora("iLoRA", "ml-100k-slice", config_dict=curve_settings(settings_file, tmp_path / "whole"))
+    assert [point["epoch"] for point in whole["learning_curve"]] == [1, 2]
+    assert resumed["learning_curve"] == whole["learning_curve"]
+
+
+@pytest.mark.parametrize("content", [b"not a checkpoint", None])
+def test_resume_from_a_file_that_is_no_resume_checkpoint_is_one_line(trainer, tmp_path, content):
+    path = tmp_path / "other.pth.resume"
+    if content is None:
+        torch.save({"some": "dict"}, path)
+    else:
+        path.write_bytes(content)
+    with pytest.raises(ConfigError) as refused:
+        trainer.resume_checkpoint(path)
+    assert "\n" not in str(refused.value) and str(refused.value).startswith(f"resume={path}")

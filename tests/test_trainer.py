@@ -6,15 +6,18 @@ scripted, so which epoch improves is known and the patience arithmetic can be ch
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import pytest
+import torch
 from recbole.data import create_dataset, data_preparation
 from recbole.utils import init_seed
 
-from recbole_ilora.config import Config
+from recbole_ilora.config import Config, ConfigError
 from recbole_ilora.pipeline import build_model
-from recbole_ilora.trainer import iLoRATrainer
+from recbole_ilora.quick_start import run_recbole_ilora
+from recbole_ilora.trainer import iLoRATrainer, rng_states, set_rng_states
 from tests.helpers import TINY_LLM
 
 EPOCHS, BATCHES = 4, 3
@@ -95,3 +98,74 @@ def test_resume_checkpoints_every_n_steps_and_at_each_epoch_end(data):
     # Optimiser steps 2, 4, 6, ... and the last batch of every epoch (3 batches, one step each).
     assert written == [(0, 2, 2), (0, 3, 3), (1, 1, 4), (1, 3, 6), (2, 2, 8), (2, 3, 9), (3, 1, 10), (3, 3, 12)]
     assert not Path(trainer.resume_file).exists()  # removed once training has finished
+
+
+def test_a_short_last_accumulation_window_steps_on_the_mean_loss_of_its_own_micro_batches(data):
+    # 3 micro-batches, 2 accumulated: windows [0, 1] and a short [2]. Each optimiser step must see the
+    # gradient of its window's mean loss, recomputed here directly from the same weights and random draws.
+    windows = []
+
+    class RecordingTrainer(iLoRATrainer):
+        def __init__(self, config, model):
+            super().__init__(config, model)
+            calls, calculate_loss = [], model.calculate_loss
+
+            def recording_loss(interaction):
+                calls.append((interaction, rng_states(), model.training_progress))
+                return calculate_loss(interaction)
+
+            def before_step(optimizer, args, kwargs):
+                weights = {name: p.clone() for name, p in model.trainable_state_dict().items()}
+                grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+                windows.append((list(calls), weights, grads))
+                calls.clear()
+
+            model.calculate_loss = recording_loss
+            self.optimizer.register_step_pre_hook(before_step)
+
+    trainer, _ = scripted_run(data, [0.1], trainer_class=RecordingTrainer, epochs=1, gradient_accumulation_steps=2,
+                              max_grad_norm=0)
+    model = trainer.model
+    assert [len(calls) for calls, _, _ in windows] == [2, 1]
+    for calls, weights, grads in windows:
+        model.load_trainable_state_dict(weights)
+        model.zero_grad(set_to_none=True)
+        losses = []
+        for interaction, rng, progress in calls:
+            set_rng_states(rng)
+            model.training_progress = progress
+            losses.append(model.forward(interaction).loss)
+        torch.stack(losses).mean().backward()
+        expected = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+        assert expected.keys() == grads.keys()
+        for name, grad in grads.items():
+            torch.testing.assert_close(grad, expected[name], msg=name)
+
+
+@pytest.fixture(scope="module")
+def model(data):
+    overrides, train, _ = data
+    config = Config(model="iLoRA", dataset="ml-100k-slice", config_dict=overrides)
+    init_seed(config["seed"], True)
+    return build_model(config, train._dataset)
+
+
+@pytest.mark.parametrize("setting", [{"learner": "sgd"}, {"clip_grad_norm": {"max_norm": 5.0}}, {"enable_amp": True},
+                                     {"enable_scaler": True}])
+def test_recbole_training_settings_the_llm_trainer_would_ignore_are_refused_in_one_line(data, model, setting):
+    config = Config(model="iLoRA", dataset="ml-100k-slice", config_dict={**data[0], **setting})
+    with pytest.raises(ConfigError) as refused:
+        iLoRATrainer(config, model)
+    (key,) = setting
+    assert "\n" not in str(refused.value) and str(refused.value).startswith(f"{key}=")
+
+
+def test_the_llm_trainer_honours_learner_adamw_its_default(data, model):
+    for changes in ({}, {"learner": "AdamW"}):
+        config = Config(model="iLoRA", dataset="ml-100k-slice", config_dict={**data[0], **changes})
+        assert config["learner"].lower() == "adamw"
+        assert isinstance(iLoRATrainer(config, model).optimizer, torch.optim.AdamW)
+
+
+def test_run_recbole_ilora_takes_no_queue():
+    assert "queue" not in inspect.signature(run_recbole_ilora).parameters

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from recbole_ilora.evaluation import RecordingEvaluator, per_user_metrics
-from recbole_ilora.utils import get_trainer
+from recbole_ilora.trainer import get_trainer
 
 # Metrics of the per-cluster table, added to the config's when missing.
 REPORTED_METRICS = ("hit@1", "ndcg@5")

@@ -11,7 +11,7 @@ import logging
 from collections.abc import Sequence
 
 from recbole_ilora.analysis.pipeline import analyze
-from recbole_ilora.cli import parse_with_overrides
+from recbole_ilora.overrides import parse_with_overrides
 
 EPILOG = """\
 Example (LLaRA and iLoRA trained on ml-100k with run_recbole_ilora.py, checkpoints in saved/):

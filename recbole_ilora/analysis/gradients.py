@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from recbole_ilora.analysis.clustering import collate_rows
+from recbole_ilora.utils import isolated_rng
 
 MIXED = "mixed"
 
@@ -36,14 +37,13 @@ def named_lora_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:
 
 
 @contextmanager
-def _seeded(seed: int, cluster: int, batch: int, device: torch.device):
-    """The global torch RNG (CPU and ``device``) seeded by (seed, cluster, batch), restored afterwards.
+def _seeded(seed: int, cluster: int, batch: int):
+    """The global torch RNG seeded by (seed, cluster, batch); every global stream restored afterwards.
 
     Per batch, not per cluster: a model that draws one random number more per batch (TALLRec has no
     curriculum draw) still gets the same candidates and templates as the others.
     """
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
+    with isolated_rng():
         torch.manual_seed(int(np.random.SeedSequence([seed, cluster, batch]).generate_state(1)[0]))
         yield
 
@@ -73,7 +73,7 @@ def cluster_gradients(model, loader, cluster_rows: list[np.ndarray], seed: int, 
             for start in range(0, len(rows), batch_size):
                 batch = rows[start : start + batch_size]
                 interaction = collate_rows(loader, batch).to(device)
-                with _seeded(seed, cluster, start // batch_size, device):
+                with _seeded(seed, cluster, start // batch_size):
                     loss = model.calculate_loss(interaction) * (len(batch) / len(rows))
                 for accumulated, gradient in zip(total, torch.autograd.grad(loss, parameters, materialize_grads=True)):
                     accumulated += gradient.float()

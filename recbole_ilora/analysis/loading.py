@@ -17,7 +17,7 @@ from recbole.data import create_dataset, data_preparation
 from recbole.utils import init_seed
 
 from recbole_ilora.config import Config
-from recbole_ilora.distributed.launch import LAUNCH_KEYS
+from recbole_ilora.distributed import LAUNCH_KEYS
 from recbole_ilora.evaluation import prepare_eval_loaders
 from recbole_ilora.outputs import resolve_checkpoint_dir
 from recbole_ilora.trainer import iLoRATrainer

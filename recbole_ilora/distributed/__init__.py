@@ -13,9 +13,8 @@ data sharding and fixes the rest, for RecBole's baselines and the plugin models 
   empty ``gpu_id`` or no CUDA) and ``nccl`` on GPU (``ddp_backend`` overrides); rank queries;
   :func:`main_process_first` lets rank 0 build the model first (pretraining and caching the gate encoder,
   converting a GGUF LLM) while the others wait, then they reuse its files. Only rank 0 logs.
-- :mod:`~recbole_ilora.distributed.launch`: ``run_recbole_ilora.py --nproc=N`` (RecBole's ``mp.spawn``
-  way) or ``torchrun --nproc_per_node=N run_recbole_ilora.py ...``. Not imported here: it imports the
-  quick start, which imports this package.
+- :mod:`recbole_ilora.launch` (above this package, beside the command line): ``run_recbole_ilora.py
+  --nproc=N`` (RecBole's ``mp.spawn`` way) or ``torchrun --nproc_per_node=N run_recbole_ilora.py ...``.
 - :mod:`~recbole_ilora.distributed.ddp`: each rank trains on its shard (RecBole's ``DistributedSampler``;
   ``train_batch_size`` stays the *global* batch, as in RecBole); :func:`distributed_trainer` wraps any
   trainer class in DDP, plugin LLM models through their ``calculate_loss``.
@@ -44,6 +43,7 @@ from recbole_ilora.distributed.gather import (
     sum_across_ranks,
 )
 from recbole_ilora.distributed.process_group import (
+    LAUNCH_KEYS,
     barrier,
     broadcast_object,
     gather_objects,
@@ -57,7 +57,7 @@ from recbole_ilora.distributed.process_group import (
 )
 
 __all__ = [
-    "DistributedTrainerMixin", "GatheringCollector", "LossForward", "any_rank", "barrier", "broadcast_object",
+    "LAUNCH_KEYS", "DistributedTrainerMixin", "GatheringCollector", "LossForward", "any_rank", "barrier", "broadcast_object",
     "distributed_trainer", "gather_data_struct", "gather_objects", "get_rank", "get_world_size", "gradient_sync",
     "init_distributed_device", "is_distributed", "main_process_first", "mean_across_ranks", "quiet_other_ranks",
     "set_sampler_epoch", "shard_without_padding", "show_progress", "sum_across_ranks", "training_loss", "wrap_ddp",

@@ -15,6 +15,9 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
+# Settings the launcher (recbole_ilora.launch, not the Config) consumes; RecBole's names.
+LAUNCH_KEYS = ("nproc", "world_size", "ip", "port", "group_offset", "offset")
+
 
 # ------------------------------------------------------------------------------------------ state
 def is_distributed() -> bool:

@@ -5,7 +5,7 @@ while the loader is iterated. The candidates then change from one evaluation to 
 checkpoint scored twice gets other numbers), from one model to another (their training and scoring
 consumed the generator differently: the models of a grid are ranked against different candidates) and
 with how users are split into batches and processes. With ``fixed_eval_negatives: true`` (the default)
-each user's draw runs on numpy's generator seeded by (``seed``, phase, user), restored afterwards, so
+each user's draw runs on numpy's generator seeded by (``seed``, phase, user), every stream restored afterwards, so
 the candidates are a function of those three alone -- through RecBole's own sampler, which still
 excludes the user's items. ``false`` keeps RecBole's single global stream.
 """
@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 from recbole.data.dataloader import NegSampleEvalDataLoader
+
+from recbole_ilora.utils import isolated_rng
 
 PHASE_CODES = {"train": 0, "valid": 1, "test": 2}
 
@@ -44,12 +46,9 @@ class PerUserSeededNegatives:
                 f"so their candidates cannot be a function of (seed, phase, user). RecBole's uniN evaluation samples "
                 f"one user at a time; set fixed_eval_negatives: false to use RecBole's global random stream instead."
             )
-        state = np.random.get_state()
-        np.random.seed(user_seed(self.seed, self.phase, int(users[0])))
-        try:
+        with isolated_rng():
+            np.random.seed(user_seed(self.seed, self.phase, int(users[0])))
             return self.neg_sampling(inter_feat)
-        finally:
-            np.random.set_state(state)
 
 
 def _samples_negatives(loader) -> bool:

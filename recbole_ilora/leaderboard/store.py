@@ -4,13 +4,13 @@ A cell is identified by ``(model, dataset, seed, config_hash)`` (:func:`record_k
 :func:`config_hash` covers the cell's merged settings and the contents of its config files. Each record
 is written as one ``write`` of a complete line followed by ``flush`` and ``fsync``, so a crash or Ctrl-C
 loses at most the cell that was running; a last line cut short by a crash is reported and ignored when
-reading (its cell simply runs again). Appends hold an exclusive ``flock`` and reads a shared one, so
-several grid processes can share the file; :meth:`ResultsStore.claim` lets them take cells one at a time.
+reading (its cell simply runs again). Appends, reads and claims hold the file's lock (``filelock``, on
+``<results>.lock`` beside it), so several grid processes can share the file and never read another's
+half-written line; :meth:`ResultsStore.claim` lets them take cells one at a time.
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
+from filelock import FileLock
 
-from recbole_ilora.utils import NON_RESULT_KEYS, file_fingerprint, fingerprint
+from recbole_ilora.utils import file_fingerprint, fingerprint, result_settings
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ def config_hash(overrides: dict, config_files: Iterable[str] = ()) -> str:
     affected lines of the results file (or use a new ``output_dir``).
     """
     payload = {
-        "overrides": {key: value for key, value in overrides.items() if key not in NON_RESULT_KEYS},
+        "overrides": result_settings(overrides),
         "config_files": [[str(path), file_fingerprint(path)] for path in config_files],
     }
     # One canonical text (sorted keys, compact separators, repr for values JSON lacks): the hashes of
@@ -59,13 +60,16 @@ class ResultsStore:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        self.lock_path = self.path.with_name(self.path.name + ".lock")
+
+    def _lock(self) -> FileLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        return FileLock(self.lock_path)
 
     def append(self, record: dict) -> None:
         """Append one record as one line, durably (see the module docstring)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         line = json.dumps(record, default=_json_default) + "\n"
-        with open(self.path, "a", encoding="utf-8") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file closes
+        with self._lock(), open(self.path, "a", encoding="utf-8") as handle:
             handle.write(line)
             handle.flush()
             os.fsync(handle.fileno())
@@ -74,8 +78,7 @@ class ResultsStore:
         """All readable records, in file order."""
         if not self.path.exists():
             return []
-        with open(self.path, encoding="utf-8") as handle:
-            fcntl.flock(handle, fcntl.LOCK_SH)  # never read another shard's half-written line
+        with self._lock(), open(self.path, encoding="utf-8") as handle:  # never another shard's half-written line
             return self._parse(handle.read())
 
     def _parse(self, text: str) -> list[dict]:
@@ -101,9 +104,7 @@ class ResultsStore:
         Reading and appending the ``claimed`` record happen under one exclusive lock, so two shards
         never take the same cell; claims of other runs (e.g. one that was killed) do not count.
         """
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a+", encoding="utf-8") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
+        with self._lock(), open(self.path, "a+", encoding="utf-8") as handle:
             handle.seek(0)
             taken = {
                 record_key(r) for r in self._parse(handle.read())

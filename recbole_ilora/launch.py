@@ -4,25 +4,22 @@ way) or as one of ``torchrun``'s.
 The launcher consumes RecBole's settings ``nproc``, ``world_size``, ``ip``, ``port``, ``group_offset``
 (``offset``); each process then runs :func:`recbole_ilora.quick_start.run_recbole_ilora` with its
 ``local_rank``.
+
+It sits beside the command line, above the quick start it runs; :mod:`recbole_ilora.distributed` below
+both holds what the processes share.
 """
 
 from __future__ import annotations
 
 import os
 import pickle
-import signal
 import tempfile
-import threading
-from contextlib import contextmanager
 from logging import getLogger
 from pathlib import Path
 
 from recbole_ilora.quick_start import run_recbole_ilora
-from recbole_ilora.trainer import TrainingInterrupted
-
-# Settings the launcher (not the Config) consumes; RecBole's names.
-LAUNCH_KEYS = ("nproc", "world_size", "ip", "port", "group_offset", "offset")
-
+from recbole_ilora.distributed import LAUNCH_KEYS
+from recbole_ilora.interrupt import TrainingInterrupted, two_stage_interrupt
 
 def torchrun_settings() -> dict:
     """Config settings of a process started by ``torchrun`` (empty when not started by it)."""
@@ -65,28 +62,12 @@ def _spawn_worker(local_rank, model, dataset, config_file_list, config_dict, sav
             pickle.dump(result, file)
 
 
-@contextmanager
 def _workers_handle_first_interrupt():
     """Ctrl-C reaches every process of the terminal's group: the workers stop at their next optimiser step
     and write a resume checkpoint, so the launcher waits for them instead of killing them; a second Ctrl-C
     stops it at once."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    interrupted = []
-
-    def handler(signum, frame):
-        if interrupted:
-            signal.default_int_handler(signum, frame)
-        interrupted.append(signum)
-        getLogger().warning("Interrupt: waiting for the workers to stop at their next optimiser step "
-                            "(Ctrl-C again to stop at once).")
-
-    previous = signal.signal(signal.SIGINT, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    return two_stage_interrupt(lambda: getLogger().warning(
+        "Interrupt: waiting for the workers to stop at their next optimiser step (Ctrl-C again to stop at once)."))
 
 
 def spawn(model, dataset, config_file_list=None, config_dict=None, saved=True, nproc=1, world_size=-1,
@@ -95,7 +76,7 @@ def spawn(model, dataset, config_file_list=None, config_dict=None, saved=True, n
 
     Returns global rank 0's result dict (``None`` on other nodes). Unlike RecBole's, the result travels
     through a file, not a pipe that blocks once it holds more than 64 KB (per-user metric vectors).
-    Raises :class:`~recbole_ilora.trainer.TrainingInterrupted` when the workers stopped on Ctrl-C.
+    Raises :class:`~recbole_ilora.interrupt.TrainingInterrupted` when the workers stopped on Ctrl-C.
     """
     import torch.multiprocessing as mp
 
