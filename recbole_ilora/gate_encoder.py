@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from recbole.model.sequential_recommender import SASRec
 from recbole.utils import argument_list
 
 from recbole_ilora.utils import fingerprint, isolated_rng, result_settings
@@ -47,10 +48,16 @@ def gate_encoder_path(config) -> Path:
     return Path(config["checkpoint_dir"]) / "gate_encoders" / f"SASRec-{config['dataset']}-{digest}.pth"
 
 
-def load_gate_encoder(path: Path, dataset):
-    """A frozen RecBole ``SASRec`` in eval mode, restored from ``path`` and checked against ``dataset``."""
-    from recbole.model.sequential_recommender import SASRec
+class FrozenSASRec(SASRec):
+    """RecBole's SASRec, frozen: it stays in eval mode when the model around it trains, since its dropout would
+    otherwise perturb the gate input and the behavioural tokens of every training step."""
 
+    def train(self, mode: bool = True):
+        return super().train(False)
+
+
+def load_gate_encoder(path: Path, dataset):
+    """A :class:`FrozenSASRec` restored from ``path`` and checked against ``dataset``."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
@@ -69,7 +76,6 @@ def load_gate_encoder(path: Path, dataset):
         )
     # Its random initialisation is overwritten by the checkpoint: it must not shift the run's random draws.
     with isolated_rng():
-        model = SASRec(checkpoint["config"], dataset)
+        model = FrozenSASRec(checkpoint["config"], dataset)
     model.load_state_dict(checkpoint["state_dict"])
-    model.requires_grad_(False)
-    return model.eval()
+    return model.requires_grad_(False).eval()

@@ -258,3 +258,24 @@ def test_evaluating_with_fewer_candidates_leaves_training_prompts_unchanged(tiny
         model.predict(test[ten_per_user])
     assert "following 10 movie titles" in model.prompt.decode(scored.prompts, 0)
     assert training_prompt() == before
+
+
+def test_the_frozen_sasrec_stays_in_eval_mode_while_the_model_trains(tiny_setup):
+    """Its dropout would make the gate input and behavioural tokens of a training batch random."""
+    model, _ = make_tiny_model(tiny_setup)
+    interaction = first_batch(tiny_setup[2])
+    history, _ = model.recent_history(interaction)
+    candidates = training_candidates(interaction["item_id"], history, model.n_items, model.num_candidates)
+    template = torch.zeros(len(interaction), dtype=torch.long)
+
+    def encoded():
+        with torch.no_grad():
+            out = model.encode(interaction, candidates, template=template)
+        return out.gate_input, out.inputs_embeds
+
+    model.eval()
+    gate_input, embeddings = encoded()
+    model.train()
+    assert model.training and not model.gate_encoder.training
+    for _ in range(2):
+        torch.testing.assert_close(encoded(), (gate_input, embeddings), rtol=0, atol=0)
