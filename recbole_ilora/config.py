@@ -29,6 +29,7 @@ from recbole.config import Config as RecBoleConfig
 from recbole.utils import argument_list
 
 from recbole_ilora.distributed.process_group import init_distributed_device
+from recbole_ilora.settings import ConfigError, SettingError, check_model_name, check_settings
 from recbole_ilora.utils import get_model, properties_dir, resolve_properties_path
 
 # Settings set by launchers and the runtime rather than by defaults files.
@@ -37,10 +38,6 @@ RUNTIME_KEYS = frozenset({
     "ddp_init_method", "ddp_backend", "ddp_timeout", "ddp_find_unused_parameters", "single_spec", "device",
     "resume", "output_root",
 })
-
-
-class ConfigError(ValueError):
-    """A setting cannot be used as given; the message names the setting, where it came from, and the fix."""
 
 
 def merge_settings(base: dict, update: dict) -> dict:
@@ -106,14 +103,15 @@ class Config(RecBoleConfig):
         if isinstance(model, str) or model is None:
             model = model if model is not None else self.external_config_dict.get("model")
             if model is None:
-                raise KeyError("No model given: pass --model=NAME (e.g. SASRec, iLoRA).")
+                raise SettingError("No model given: pass --model=NAME (e.g. SASRec, iLoRA).")
+            check_model_name(model)  # RecBole's lookup ends in an unrelated import error for unknown names
             model_class = get_model(model)
         else:
             model_class, model = model, model.__name__
         if dataset is None:
             dataset = self.external_config_dict.get("dataset")
             if dataset is None:
-                raise KeyError("No dataset given: pass --dataset=NAME (e.g. ml-100k).")
+                raise SettingError("No dataset given: pass --dataset=NAME (e.g. ml-100k).")
         return model, model_class, dataset
 
     def _update_internal_config_dict(self, file):
@@ -137,7 +135,9 @@ class Config(RecBoleConfig):
 
     def _get_final_config_dict(self):
         self._check_external_settings()
-        return merge_settings(self.internal_config_dict, self.external_config_dict)
+        final = merge_settings(self.internal_config_dict, self.external_config_dict)
+        check_settings(final, self._source, self.internal_config_dict, self.external_config_dict)  # ranges and contradictions, before RecBole reads any of them
+        return final
 
     def _check_external_settings(self) -> None:
         known = known_settings() | set(self.internal_config_dict)

@@ -22,6 +22,7 @@ from recbole_ilora.data import check_atomic_files, check_dataset
 from recbole_ilora.evaluation import RecordingEvaluator, per_user_metrics, prepare_eval_loaders
 from recbole_ilora.outputs import init_logger, resolve_checkpoint_dir
 from recbole_ilora.pipeline import build_model
+from recbole_ilora.settings import check_run_environment
 from recbole_ilora.trainer import resume_training
 from recbole_ilora.utils import get_trainer, is_plugin_model, isolated_rng
 
@@ -61,6 +62,7 @@ def run_recbole_ilora(
     CPU), ``device`` and ``log_file``.
     """
     config = Config(model=model, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict)
+    check_run_environment(config)  # the GPU asked for exists, the LLM is installed: before any work
     init_seed(config["seed"], config["reproducibility"])
     resolve_checkpoint_dir(config)
     handlers_before = set(logging.getLogger().handlers)
