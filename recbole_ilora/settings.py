@@ -267,7 +267,8 @@ def check_settings(settings: dict, sources: dict, defaults: dict | None = None, 
     _check_metrics(settings, where)
     _check_files(settings, where)
     if settings.get("user_token") and settings.get("use_behaviour_tokens") is False:
-        raise _refuse("user_token", True, where("user_token"), "needs use_behaviour_tokens: true (the user token "
+        raise _refuse("user_token", True, where("user_token"), f"contradicts use_behaviour_tokens=False "
+                      f"({where('use_behaviour_tokens')}): user_token needs use_behaviour_tokens: true (the user token "
                       "goes through the behavioural tokens' projector)", "Drop user_token, or set use_behaviour_tokens: true.")
     if settings.get("resume") and settings.get("eval_checkpoint"):
         raise _refuse("eval_checkpoint", settings["eval_checkpoint"], where("eval_checkpoint"),

@@ -26,7 +26,7 @@ PLUGIN_TRAINER_MODULE = "recbole_ilora.trainer"
 # cache key and results hash, so turning progress bars on or moving outputs re-runs nothing.
 NON_RESULT_KEYS = frozenset(
     {"show_progress", "state", "checkpoint_dir", "output_root", "gpu_id", "use_gpu", "worker", "log_wandb",
-     "resume", "checkpoint_every_steps", "learning_curve"}
+     "resume", "checkpoint_every_steps", "learning_curve", "allow_slow_cpu_run"}
 )
 
 
