@@ -30,7 +30,7 @@ from recbole.utils import argument_list
 
 from recbole_ilora.distributed.process_group import init_distributed_device
 from recbole_ilora.settings import ConfigError, SettingError, check_model_name, check_settings
-from recbole_ilora.utils import get_model, properties_dir, resolve_properties_path
+from recbole_ilora.utils import get_model, is_plugin_model, properties_dir, resolve_properties_path
 
 # Settings set by launchers and the runtime rather than by defaults files.
 RUNTIME_KEYS = frozenset({
@@ -157,6 +157,12 @@ class Config(RecBoleConfig):
                     f"Setting {key!r} ({source}) is {value!r}, which cannot be read as a {kind} like its default "
                     f"{default!r}: give a Python/YAML literal, e.g. {key}={default!r}."
                 )
+
+    def _set_default_parameters(self):
+        super()._set_default_parameters()  # joins data_path with the dataset name
+        from recbole_ilora.data.columns import infer_columns
+
+        infer_columns(self, needs_titles=is_plugin_model(self.model))  # timestamp and titles from the headers
 
     # --- distributed (recbole_ilora.distributed) -----------------------------------------------------
     def _init_device(self):

@@ -79,6 +79,8 @@ def _train_and_test(config, saved, queue):
     logger.debug(f"Command line: {sys.argv}")
     logger.debug(config)
     logger.info(set_color("Protocol", "blue") + f": {config.protocol()}")
+    if getattr(config, "inferred_columns", None):
+        logger.info(config.inferred_columns)
 
     check_atomic_files(config)
     dataset = create_dataset(config)
