@@ -32,7 +32,8 @@ behaviour lives in this module, is applied once when :mod:`recbole_ilora` is imp
 7. **TensorBoard beside the log** -- RecBole's ``get_tensorboard`` writes to ``./log_tensorboard``
    relative to the working directory whatever folder the run logs to. Replaced by a version that
    puts the events beside the run's log folder (``<root>/log/<model>/x.log`` -> ``<root>/log_tensorboard/x``;
-   the same place as RecBole's for its own ``./log``), so that ``output_root`` holds every output.
+   the same place as RecBole's for its own ``./log``), so that ``output_root`` holds every output; a Trainer
+   without a log file writes under ``<output_root>/log_tensorboard/`` instead of ``./log_tensorboard``.
 
 Fixes 2-4 rewrite single expressions inside RecBole methods (``_patch_source``). Each rewrite
 asserts that the expression it replaces occurs exactly as often as in RecBole 1.2.1, so a different
@@ -165,15 +166,16 @@ def apply() -> None:
 def _tensorboard_beside_log(logger):
     """RecBole's ``get_tensorboard``, with the events folder placed beside the run's log folder."""
     # Imported here, not at the top: this module runs before anything imports RecBole (numpy aliases first).
-    from recbole.trainer import trainer
+    from recbole.utils import get_local_time
     from torch.utils.tensorboard import SummaryWriter
 
-    from recbole_ilora.outputs import tensorboard_dir
+    from recbole_ilora.outputs import default_output_root, tensorboard_dir
 
     for handler in logger.handlers:
         if hasattr(handler, "baseFilename"):
             return SummaryWriter(str(tensorboard_dir(handler.baseFilename)))
-    return _ORIGINALS[(trainer, "get_tensorboard")](logger)
+    # No run log (a Trainer built outside a run, e.g. by a script): under output_root too, never ./log_tensorboard.
+    return SummaryWriter(str(default_output_root() / "log_tensorboard" / f"model-{get_local_time()}"))
 
 
 def original(owner: type, method_name: str):

@@ -29,6 +29,7 @@ from recbole.config import Config as RecBoleConfig
 from recbole.utils import argument_list
 
 from recbole_ilora.distributed.process_group import init_distributed_device
+from recbole_ilora.outputs import OUTPUT_ROOT_ENV
 from recbole_ilora.settings import ConfigError, SettingError, check_model_name, check_settings
 from recbole_ilora.utils import get_model, is_plugin_model, properties_dir, resolve_properties_path
 
@@ -132,6 +133,8 @@ class Config(RecBoleConfig):
                 loaded = self._update_internal_config_dict(str(path)) or {}
                 if path.parent.name == "dataset":
                     self.parameters["Dataset"] += [k for k in loaded if k not in self.parameters["Dataset"]]
+        if os.environ.get(OUTPUT_ROOT_ENV):  # a default only: settings files and the command line still win
+            self.internal_config_dict["output_root"] = os.environ[OUTPUT_ROOT_ENV]
 
     def _get_final_config_dict(self):
         self._check_external_settings()

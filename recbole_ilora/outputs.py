@@ -26,12 +26,20 @@ LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNI
           "critical": logging.CRITICAL}
 
 
+# Replaces the default output_root (not a value given in a settings file or on the command line): the test
+# suite points it at a temporary folder, so that nothing it runs -- subprocesses included -- writes into outputs/.
+OUTPUT_ROOT_ENV = "RECBOLE_ILORA_OUTPUT_ROOT"
+
+
 def output_root(config) -> Path:
     return Path(config["output_root"] or ".")
 
 
 def default_output_root() -> Path:
-    """``output_root`` of ``properties/overall.yaml``, for outputs written outside a run's Config (leaderboards)."""
+    """``output_root`` of ``properties/overall.yaml`` (or ``$RECBOLE_ILORA_OUTPUT_ROOT``), for outputs written
+    outside a run's Config (leaderboards, TensorBoard events of a trainer without a log file)."""
+    if os.environ.get(OUTPUT_ROOT_ENV):
+        return Path(os.environ[OUTPUT_ROOT_ENV])
     with open(properties_dir() / "overall.yaml", encoding="utf-8") as handle:
         return Path(yaml.safe_load(handle).get("output_root") or ".")
 

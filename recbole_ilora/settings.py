@@ -259,7 +259,8 @@ def check_settings(settings: dict, sources: dict, defaults: dict | None = None, 
         fits = [d for d in _divisors(rank) if d != experts]
         multiple = -(-rank // experts) * experts
         raise _refuse("num_experts", experts, where("num_experts"),
-                      f"does not divide lora_rank={rank} (each of the K experts gets rank lora_rank/K)",
+                      f"does not divide lora_rank={rank}: lora_rank must be a multiple of num_experts (each of "
+                      f"the K experts gets rank lora_rank/K)",
                       f"Use num_experts {_words(fits)}, or a lora_rank that is a multiple of {experts} "
                       f"(e.g. --lora_rank={multiple}).")
     _check_eval_args(settings.get("eval_args"), (given or {}).get("eval_args", settings.get("eval_args")),

@@ -139,8 +139,13 @@ def test_checkpoint_save_load_gives_identical_scores(tiny_setup, tmp_path):
 
 
 def test_unknown_llm_path_is_a_clear_error(tiny_setup):
+    from recbole_ilora.llm import resolve_llm_folder
+    from recbole_ilora.settings import SettingError
+
+    with pytest.raises(SettingError, match=r"llm_path='./no/such/model' \(--llm_path\) does not exist"):
+        make_tiny_model(tiny_setup, llm_path="./no/such/model")  # refused with the settings, before any work
     with pytest.raises(FileNotFoundError, match="neither an alias"):
-        make_tiny_model(tiny_setup, llm_path="./no/such/model")
+        resolve_llm_folder("./no/such/model")
 
 
 @pytest.mark.parametrize("model_name", ["iLoRA", "LLaRA", "TALLRec"])

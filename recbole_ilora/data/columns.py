@@ -41,8 +41,10 @@ def header_fields(path: Path, separator: str, encoding: str) -> dict[str, str] |
 
 
 def _order_by_time(config) -> bool:
-    eval_args = config["eval_args"] or {}
-    return eval_args.get("order", "RO") == "TO" and not config["benchmark_filename"]
+    from recbole_ilora.data.atomic_reader import setting  # Config or a plain dict (scripts, tests)
+
+    eval_args = setting(config, "eval_args", {})
+    return eval_args.get("order", "RO") == "TO" and not setting(config, "benchmark_filename")
 
 
 def infer_columns(config, needs_titles: bool) -> None:
@@ -96,7 +98,7 @@ def check_time_column(config, path: Path, header: dict, loaded) -> None:
     of ``path`` or not loaded (RecBole would fail deep in the split: "[timestamp] is not exist in interaction")."""
     if not _order_by_time(config):
         return
-    name, time = config["dataset"], config["TIME_FIELD"]
+    name, time = config["dataset"], config["TIME_FIELD"] if "TIME_FIELD" in config else "timestamp"
     if time not in header:
         raise DatasetError(
             f"Dataset '{name}': {path}: the header has no '{time}' field ({', '.join(f'{k}:{v}' for k, v in header.items())}), "
