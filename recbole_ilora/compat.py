@@ -35,7 +35,13 @@ behaviour lives in this module, is applied once when :mod:`recbole_ilora` is imp
    the same place as RecBole's for its own ``./log``), so that ``output_root`` holds every output; a Trainer
    without a log file writes under ``<output_root>/log_tensorboard/`` instead of ``./log_tensorboard``.
 
-Fixes 2-4 rewrite single expressions inside RecBole methods (``_patch_source``). Each rewrite
+8. **Console warnings** -- under pandas 3 every dataset load warned "The given NumPy array is not
+   writable" (RecBole's tensors shared pandas' read-only column buffers: now a copy), every RecBole training
+   "torch.cuda.amp.GradScaler(args...) is deprecated" (now ``torch.amp.GradScaler("cuda", ...)``), and every
+   LLM model "`is_gradient_checkpointing` is deprecated" (peft reading transformers' property: filtered,
+   that message from that module only).
+
+Fixes 2-4 and 8 rewrite single expressions inside RecBole methods (``_patch_source``). Each rewrite
 asserts that the expression it replaces occurs exactly as often as in RecBole 1.2.1, so a different
 RecBole version fails loudly at import instead of being patched half-way.
 """
@@ -44,6 +50,7 @@ from __future__ import annotations
 
 import inspect
 import textwrap
+import warnings
 
 import numpy as np
 
@@ -85,6 +92,18 @@ _SOURCE_FIXES = {
     ("recbole.data.dataset.kg_dataset", "KnowledgeBasedDataset", "_reset_ent_remapID"): [
         (".agg(len)", ".map(len)", 1),
     ],
+    # pandas 3 (copy-on-write) hands out read-only column arrays; torch.LongTensor(array) shares their memory,
+    # warns that writing is undefined, and RecBole's tensors would alias the DataFrame: give torch a copy.
+    ("recbole.data.dataset.dataset", "Dataset", "_dataframe_to_interaction"): [
+        ("value = data[k].values", "value = data[k].to_numpy(copy=True)", 1),
+    ],
+    # torch.cuda.amp.GradScaler(...) is deprecated (a FutureWarning on every RecBole training, CPU too).
+    ("recbole.trainer.trainer", "Trainer", "_train_epoch"): [
+        ("amp.GradScaler(enabled=self.enable_scaler)", 'torch.amp.GradScaler("cuda", enabled=self.enable_scaler)', 1),
+    ],
+    ("recbole.trainer.trainer", "NCLTrainer", "_train_epoch"): [
+        ("amp.GradScaler(enabled=self.enable_scaler)", 'torch.amp.GradScaler("cuda", enabled=self.enable_scaler)', 1),
+    ],
     ("recbole.trainer.trainer", "Trainer", "resume_checkpoint"): [
         (
             "torch.load(resume_file, map_location=self.device)",
@@ -100,6 +119,14 @@ _SOURCE_FIXES = {
         ),
     ],
 }
+
+
+# Warnings of one library about another's use of it, on every run, that no user can act on: filtered narrowly
+# (message, category and the module that warns). (message regex, category, module regex)
+_LIBRARY_WARNINGS = [
+    # peft's get_peft_model reads transformers' deprecated PreTrainedModel.is_gradient_checkpointing.
+    (r"`is_gradient_checkpointing` is deprecated", FutureWarning, r"transformers\.modeling_utils"),
+]
 
 
 class RecBoleVersionError(RuntimeError):
@@ -160,6 +187,11 @@ def apply() -> None:
 
     _ORIGINALS[(trainer, "get_tensorboard")] = trainer.get_tensorboard
     trainer.get_tensorboard = _tensorboard_beside_log
+    from recbole_ilora.progress import WarmProgress
+
+    trainer.tqdm = WarmProgress  # RecBole's bars: no time estimate extrapolated from the first batches
+    for message, category, module in _LIBRARY_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category, module=module)
     _APPLIED = True
 
 

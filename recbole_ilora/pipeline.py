@@ -16,6 +16,7 @@ from recbole.utils import init_seed
 
 from recbole_ilora.config import Config
 from recbole_ilora.gate_encoder import gate_encoder_path, gate_run_settings, item_tokens_digest
+from recbole_ilora.outputs import details_to_log_file, show_progress_bars
 from recbole_ilora.utils import atomic_path, isolated_rng
 
 
@@ -65,8 +66,11 @@ def _pretrain(dataset_name: str, settings: dict, path: Path) -> Path:
     trainer = Trainer(sasrec_config, model)
     with atomic_path(path) as partial:  # parallel runs may pretrain the same encoder
         trainer.saved_model_file = str(partial)
-        trainer.fit(train_data, valid_data, saved=True, show_progress=sasrec_config["show_progress"])
+        with details_to_log_file():  # RecBole's per-epoch lines: the log file only
+            score, _ = trainer.fit(train_data, valid_data, saved=True, show_progress=show_progress_bars(sasrec_config))
         checkpoint = torch.load(partial, map_location="cpu", weights_only=False)  # written just above
         checkpoint["item_tokens_digest"] = item_tokens_digest(dataset)
         torch.save(checkpoint, partial)
+    logger.info(f"Gate encoder pretrained: best validation {sasrec_config['valid_metric']} {float(score):.4f} (its "
+                f"epochs are in the log file)")
     return path

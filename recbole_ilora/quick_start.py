@@ -20,7 +20,7 @@ from recbole_ilora import distributed
 from recbole_ilora.config import Config
 from recbole_ilora.data import check_atomic_files, check_dataset
 from recbole_ilora.evaluation import RecordingEvaluator, per_user_metrics, prepare_eval_loaders
-from recbole_ilora.outputs import init_logger, resolve_checkpoint_dir
+from recbole_ilora.outputs import dataset_summary, init_logger, resolve_checkpoint_dir, show_progress_bars
 from recbole_ilora.pipeline import build_model
 from recbole_ilora.projection import check_cpu_run, recheck_after_first_step
 from recbole_ilora.settings import check_run_environment
@@ -85,7 +85,8 @@ def _train_and_test(config, saved, queue):
     check_atomic_files(config)
     dataset = create_dataset(config)
     check_dataset(dataset, config)
-    logger.info(dataset)
+    logger.debug(dataset)  # RecBole's statistics (its counts include the padding ids): the log file
+    logger.info(dataset_summary(dataset))
     train_data, valid_data, test_data = data_preparation(config, dataset)
     prepare_eval_loaders(config, valid_data, test_data)  # fixed_eval_negatives: candidates per (seed, phase, user)
 
@@ -117,7 +118,7 @@ def _train_and_test(config, saved, queue):
 
     if config["resume"]:
         resume_training(trainer, config["resume"])  # exact resume of an interrupted run (plugin models)
-    curve, progress = [], distributed.show_progress(config)
+    curve, progress = [], distributed.show_progress(config) and show_progress_bars(config)
     start = time.perf_counter()
     if config["eval_checkpoint"]:
         # A trained checkpoint, evaluated as it is (e.g. with another score_aggregation): no training.

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from recbole.trainer import Trainer
 from recbole.utils import set_color
-from tqdm.auto import tqdm
+from recbole_ilora.progress import WarmProgress as tqdm  # no time estimate from the first batches
 
 from recbole_ilora.distributed import (
     any_rank,
