@@ -82,7 +82,10 @@ class Config(RecBoleConfig):
                 with open(file, encoding="utf-8") as handle:
                     loaded = yaml.load(handle.read(), Loader=self.yaml_loader)
             except yaml.YAMLError as error:
-                raise ConfigError(f"Config file {file} is not valid YAML: {error}") from None
+                mark = getattr(error, "problem_mark", None)  # one line: the problem and where, not PyYAML's excerpt
+                where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+                problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+                raise ConfigError(f"Config file {file} is not valid YAML: {problem}{where}.") from None
             if loaded is not None and not isinstance(loaded, dict):
                 raise ConfigError(f"Config file {file} must hold `key: value` settings, not a {type(loaded).__name__}.")
             self._source.update({key: f"config file {file}" for key in loaded or {}})

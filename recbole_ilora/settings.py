@@ -32,7 +32,7 @@ __all__ = ["ConfigError", "Setting", "SettingError", "check_model_name", "check_
 _SPEC = re.compile(r"#\s*\((?P<spec>[^()]*)\)\s*(?P<meaning>.*)$")
 _KEY = re.compile(r"^(?P<key>[A-Za-z_][\w]*)\s*:")
 _BOUND = re.compile(r"^(?:(?P<low>-?[\d.e+-]+)\s*(?P<lop><=|<)\s*)?x\s*(?:(?P<op>>=|>|<=|<)\s*(?P<high>-?[\d.e+-]+))?$")
-_MODE = re.compile(r"^(full|labeled|uni\d+|pop\d+)$")
+_MODE = re.compile(r"^(full|labeled|uni[1-9]\d*|pop[1-9]\d*)$")
 
 # RecBole settings the plugin relies on without defaulting them itself, checked the same way.
 _RECBOLE_SETTINGS = {
@@ -291,7 +291,7 @@ def _check_eval_args(eval_args, shown, source: str) -> None:
             close = difflib.get_close_matches(str(value), ["full", "labeled", "uni19", "uni99", "pop19"], n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise _refuse("eval_args", shown, source, f"has mode {value!r}{hint}, which RecBole does not know",
-                          f"A mode is 'full' (whole catalogue), 'uniN' / 'popN' (N sampled negatives) or 'labeled': {example}.")
+                          f"A mode is 'full' (whole catalogue), 'uniN' / 'popN' (N >= 1 sampled negatives) or 'labeled': {example}.")
     order = eval_args.get("order")
     if order is not None and order not in ("RO", "TO"):
         raise _refuse("eval_args", shown, source, f"has order {order!r}",

@@ -41,6 +41,10 @@ BAD_SETTINGS = [
     (["--llm_path=/tmp"], ["is a folder without config.json"]),
     (["--llm_path=missing.gguf"], ["names no GGUF file"]),
     (["--ghost_token_threshold=0"], ["0 < x <= 1"]),
+    (["--eval_args={'mode': 'uni0'}"], ["mode 'uni0'", "N >= 1"]),
+    (["--eval_args={'group_by': 'item'}"], ["group_by 'item'"]),
+    (["--max_history=0"], ["max_history=0", "x >= 1"]),
+    (["--stopping_step=0"], ["stopping_step=0"]),
     (["--resume=/tmp/a.resume", "--eval_checkpoint=/tmp/b.pth"], ["resume='/tmp/a.resume'", "does not exist"]),
 ]
 
@@ -80,6 +84,13 @@ def test_a_bad_value_in_a_config_file_names_the_file(tmp_path):
     path.write_text("lora_dropout: 2\n")
     with pytest.raises(SettingError, match=r"lora_dropout=2 \(config file .*mine.yaml\)"):
         Config(model="iLoRA", dataset="ml-100k", config_file_list=[str(path)])
+
+
+def test_malformed_yaml_is_one_line(tmp_path, capsys):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("epochs: [1, 2\n")
+    code, error = run_cli(["--model=iLoRA", f"--config_files={broken}"], capsys)
+    assert code == 2 and error.count("\n") == 1 and "broken.yaml is not valid YAML" in error and "line 2" in error
 
 
 def test_the_baselines_default_is_suggested_for_a_baseline(capsys):
