@@ -96,3 +96,18 @@ def test_users_with_two_interactions_each_stop_before_training(tmp_path):
     config = Config(model="SASRec", dataset="own", config_dict={**settings, "user_inter_num_interval": "[0,inf)"})
     with pytest.raises(DatasetError, match=r"no user has 3 or more interactions \(the most is 2\).*nothing to train on"):
         check_atomic_files(config)
+
+
+def test_a_timestamp_declared_as_token_is_refused(tmp_path):
+    """RecBole would order a token field by its remapped ids: the split would silently use another order."""
+    settings = write(tmp_path, "user_id:token\titem_id:token\ttimestamp:token", ROWS)
+    with pytest.raises(DatasetError, match=r"declares 'timestamp:token'.*Declare it 'timestamp:float'"):
+        check_atomic_files(Config(model="SASRec", dataset="own", config_dict=settings))
+
+
+def test_no_item_file_for_an_llm_model_is_one_line(tmp_path):
+    settings = write(tmp_path, "user_id:token\titem_id:token\ttimestamp:float", ROWS)
+    (tmp_path / "own" / "own.item").unlink()
+    with pytest.raises(DatasetError, match=r"own\.item does not exist, and the LLM models write every item as its title"):
+        Config(model="iLoRA", dataset="own", config_dict={**settings, "llm_path": "tiny-random-llama"})
+    Config(model="SASRec", dataset="own", config_dict=settings)  # a baseline needs no titles

@@ -68,6 +68,11 @@ def infer_columns(config, needs_titles: bool) -> None:
         notes.append(f"inter {load_col['inter']}")
     item_path = folder / f"{name}.item"
     item = header_fields(item_path, separator, encoding) if needs_titles else None
+    if needs_titles and not item_path.exists() and not config["item_text_field"]:
+        raise DatasetError(
+            f"Dataset '{name}': {item_path} does not exist, and the LLM models write every item as its title. Add it: "
+            f"a header such as '{iid}:token{separator}title:token_seq', then one row per item (id, title)."
+        )
     if item is not None:
         field = config["item_text_field"]
         if not field:
@@ -105,6 +110,12 @@ def check_time_column(config, path: Path, header: dict, loaded) -> None:
             f"but the protocol's leave-one-out split orders each user's interactions by it (eval_args order "
             f"'TO'). Add a column '{time}:float' (any number that increases along a user's sequence), set "
             f"TIME_FIELD to the column that does, or split at random: --eval_args=\"{{'order': 'RO'}}\"."
+        )
+    if header[time] != "float":
+        raise DatasetError(
+            f"Dataset '{name}': {path}: the header declares '{time}:{header[time]}', but the leave-one-out split orders "
+            f"each user's interactions by it, and RecBole orders a '{header[time]}' field by its remapped ids (the "
+            f"order of first appearance), not by value. Declare it '{time}:float'."
         )
     if time not in loaded:
         raise DatasetError(
