@@ -234,8 +234,13 @@ def load_llm(llm_path: str, dtype: torch.dtype, corpus: Iterable[str] = ()):
     """Return ``(model, tokenizer)`` for ``llm_path``; ``corpus`` trains the tiny model's tokenizer."""
     if llm_path == TINY_ALIAS:
         return build_tiny_llama(corpus, dtype)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import sys
 
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    if not sys.stderr.isatty():
+        hf_logging.disable_progress_bar()  # "Loading weights" bars are noise in a redirected log
     folder = resolve_llm_folder(llm_path)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)

@@ -48,3 +48,16 @@ def test_gate_encoder_epochs_go_to_the_log_file_only(ml100k_slice, tmp_path, cap
     assert "Gate encoder pretrained: best validation NDCG@5" in console
     assert "epoch 1 training" not in console and "valid result" not in console
     assert "epoch 1 training" in log and "valid result" in log
+
+
+def test_no_weight_loading_bars_when_redirected(tmp_path, capsys):
+    import torch
+
+    from recbole_ilora.llm import build_tiny_llama, load_llm
+
+    model, tokenizer = build_tiny_llama(["a tiny corpus"])
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    capsys.readouterr()
+    load_llm(str(tmp_path), torch.float32)
+    assert "Loading weights" not in capsys.readouterr().err
