@@ -44,7 +44,7 @@ BAD_SETTINGS = [
     (["--eval_args={'mode': 'uni0'}"], ["mode 'uni0'", "N >= 1"]),
     (["--eval_args={'group_by': 'item'}"], ["group_by 'item'"]),
     (["--max_history=0"], ["max_history=0", "x >= 1"]),
-    (["--stopping_step=0"], ["stopping_step=0"]),
+    (["--stopping_step=-1"], ["stopping_step=-1", "x >= 0"]),
     (["--resume=/tmp/a.resume", "--eval_checkpoint=/tmp/b.pth"], ["resume='/tmp/a.resume'", "does not exist"]),
 ]
 
