@@ -13,6 +13,7 @@ import sys
 from typing import Sequence
 
 from recbole_ilora.overrides import OverrideError, parse_overrides, parse_with_overrides  # noqa: F401 - also imported from here
+from recbole_ilora.settings import help_text
 
 EPILOG = """\
 Leaderboard (grid of models x datasets x seeds, resumable, exported as Markdown/CSV/LaTeX/JSON/PNG):
@@ -32,15 +33,23 @@ Resume an interrupted LLM run from its checkpoint: --resume=PATH (the path is pr
 """
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Errors as one line (the usage is what --help is for)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="run_recbole_ilora.py",
         description="Train and test RecBole models and the iLoRA plugin models (iLoRA, LLaRA, TALLRec).",
-        epilog=EPILOG,
+        epilog=EPILOG + "\n" + help_text(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--model", "-m", default="SASRec", help="model name: a plugin model or any RecBole model")
-    parser.add_argument("--dataset", "-d", default="ml-100k", help="dataset name (ml-100k ships with RecBole)")
+    parser.add_argument("--model", "-m", default=None,
+                        help="model name, required: a plugin model (iLoRA, LLaRA, TALLRec) or any RecBole model (SASRec, ...)")
+    parser.add_argument("--dataset", "-d", default="ml-100k", help="dataset name (default ml-100k, which ships with RecBole)")
     parser.add_argument("--config_files", default=None, help="space-separated YAML config files")
     parser.add_argument("--no_save", action="store_true", help="do not save checkpoints (tests the last model)")
     leaderboard = parser.add_argument_group(
@@ -108,6 +117,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
             parser.error(f"{args.leaderboard}: {error}")
     if args.results is not None or args.export_only or args.shard is not None or args.jobs is not None:
         parser.error("--results, --export_only, --shard and --jobs only apply with --leaderboard GRID.yaml.")
+    if args.model is None:
+        parser.error("--model is required: e.g. --model=iLoRA (LLaRA, TALLRec) or any RecBole model (--model=SASRec).")
     # distributed: --nproc=N (mp.spawn, RecBole's settings nproc/world_size/ip/port/group_offset) or torchrun.
     from recbole_ilora.launch import run_from_command_line
 

@@ -32,16 +32,22 @@ behaviour lives in this module, is applied once when :mod:`recbole_ilora` is imp
 7. **TensorBoard beside the log** -- RecBole's ``get_tensorboard`` writes to ``./log_tensorboard``
    relative to the working directory whatever folder the run logs to. Replaced by a version that
    puts the events beside the run's log folder (``<root>/log/<model>/x.log`` -> ``<root>/log_tensorboard/x``;
-   the same place as RecBole's for its own ``./log``), so that ``output_root`` holds every output.
+   the same place as RecBole's for its own ``./log``), so that ``output_root`` holds every output; a Trainer
+   without a log file writes under ``<output_root>/log_tensorboard/`` instead of ``./log_tensorboard``.
 8. **CPU runs on a GPU machine** -- ``Config._init_device`` sets ``CUDA_VISIBLE_DEVICES`` to ``gpu_id`` even
    when it is empty (a CPU run), after torch may already have counted the GPUs: torch then believes in a
    GPU that CUDA no longer shows, and ``torch.compile`` fails with ``IndexError`` looking up its
    properties. An empty ``gpu_id`` now leaves the variable alone (the device is the CPU either way). And
    ``get_environment`` asks CUDA for the memory of a CPU device whenever a GPU exists, so every CPU run on
    a GPU machine ended in ``ValueError: Expected a cuda device``; it now reads the run's device.
+9. **Console warnings** -- under pandas 3 every dataset load warned "The given NumPy array is not
+   writable" (RecBole's tensors shared pandas' read-only column buffers: now a copy), every RecBole training
+   "torch.cuda.amp.GradScaler(args...) is deprecated" (now ``torch.amp.GradScaler("cuda", ...)``), and every
+   LLM model "`is_gradient_checkpointing` is deprecated" (peft reading transformers' property: filtered,
+   that message from that module only).
 
-Fixes 2-4 and 8 rewrite single expressions inside RecBole methods (``_patch_source``). Each rewrite
-asserts that the expression it replaces occurs exactly as often as in RecBole 1.2.1, so a different
+Fixes 2-4, 8 and the first two of 9 rewrite single expressions inside RecBole methods (``_patch_source``).
+Each rewrite asserts that the expression it replaces occurs exactly as often as in RecBole 1.2.1, so a different
 RecBole version fails loudly at import instead of being patched half-way.
 """
 
@@ -49,6 +55,7 @@ from __future__ import annotations
 
 import inspect
 import textwrap
+import warnings
 
 import numpy as np
 
@@ -96,6 +103,18 @@ _SOURCE_FIXES = {
     ("recbole.utils.utils", None, "get_environment"): [
         ('if torch.cuda.is_available() and config["use_gpu"]', 'if config["device"].type == "cuda"', 1),
     ],
+    # pandas 3 (copy-on-write) hands out read-only column arrays; torch.LongTensor(array) shares their memory,
+    # warns that writing is undefined, and RecBole's tensors would alias the DataFrame: give torch a copy.
+    ("recbole.data.dataset.dataset", "Dataset", "_dataframe_to_interaction"): [
+        ("value = data[k].values", "value = data[k].to_numpy(copy=True)", 1),
+    ],
+    # torch.cuda.amp.GradScaler(...) is deprecated (a FutureWarning on every RecBole training, CPU too).
+    ("recbole.trainer.trainer", "Trainer", "_train_epoch"): [
+        ("amp.GradScaler(enabled=self.enable_scaler)", 'torch.amp.GradScaler("cuda", enabled=self.enable_scaler)', 1),
+    ],
+    ("recbole.trainer.trainer", "NCLTrainer", "_train_epoch"): [
+        ("amp.GradScaler(enabled=self.enable_scaler)", 'torch.amp.GradScaler("cuda", enabled=self.enable_scaler)', 1),
+    ],
     ("recbole.trainer.trainer", "Trainer", "resume_checkpoint"): [
         (
             "torch.load(resume_file, map_location=self.device)",
@@ -111,6 +130,14 @@ _SOURCE_FIXES = {
         ),
     ],
 }
+
+
+# Warnings of one library about another's use of it, on every run, that no user can act on: filtered narrowly
+# (message, category and the module that warns). (message regex, category, module regex)
+_LIBRARY_WARNINGS = [
+    # peft's get_peft_model reads transformers' deprecated PreTrainedModel.is_gradient_checkpointing.
+    (r"`is_gradient_checkpointing` is deprecated", FutureWarning, r"transformers\.modeling_utils"),
+]
 
 
 class RecBoleVersionError(RuntimeError):
@@ -175,21 +202,27 @@ def apply() -> None:
 
     _ORIGINALS[(trainer, "get_tensorboard")] = trainer.get_tensorboard
     trainer.get_tensorboard = _tensorboard_beside_log
+    from recbole_ilora.progress import WarmProgress
+
+    trainer.tqdm = WarmProgress  # RecBole's bars: no time estimate extrapolated from the first batches
+    for message, category, module in _LIBRARY_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category, module=module)
     _APPLIED = True
 
 
 def _tensorboard_beside_log(logger):
     """RecBole's ``get_tensorboard``, with the events folder placed beside the run's log folder."""
     # Imported here, not at the top: this module runs before anything imports RecBole (numpy aliases first).
-    from recbole.trainer import trainer
+    from recbole.utils import get_local_time
     from torch.utils.tensorboard import SummaryWriter
 
-    from recbole_ilora.outputs import tensorboard_dir
+    from recbole_ilora.outputs import default_output_root, tensorboard_dir
 
     for handler in logger.handlers:
         if hasattr(handler, "baseFilename"):
             return SummaryWriter(str(tensorboard_dir(handler.baseFilename)))
-    return _ORIGINALS[(trainer, "get_tensorboard")](logger)
+    # No run log (a Trainer built outside a run, e.g. by a script): under output_root too, never ./log_tensorboard.
+    return SummaryWriter(str(default_output_root() / "log_tensorboard" / f"model-{get_local_time()}"))
 
 
 def original(owner: type, method_name: str):

@@ -29,7 +29,9 @@ from recbole.config import Config as RecBoleConfig
 from recbole.utils import argument_list
 
 from recbole_ilora.distributed.process_group import init_distributed_device
-from recbole_ilora.utils import get_model, properties_dir, resolve_properties_path
+from recbole_ilora.outputs import OUTPUT_ROOT_ENV
+from recbole_ilora.settings import ConfigError, SettingError, check_model_name, check_settings
+from recbole_ilora.utils import get_model, is_plugin_model, properties_dir, resolve_properties_path
 
 # Settings set by launchers and the runtime rather than by defaults files.
 RUNTIME_KEYS = frozenset({
@@ -37,10 +39,6 @@ RUNTIME_KEYS = frozenset({
     "ddp_init_method", "ddp_backend", "ddp_timeout", "ddp_find_unused_parameters", "single_spec", "device",
     "resume", "output_root",
 })
-
-
-class ConfigError(ValueError):
-    """A setting cannot be used as given; the message names the setting, where it came from, and the fix."""
 
 
 def merge_settings(base: dict, update: dict) -> dict:
@@ -84,7 +82,10 @@ class Config(RecBoleConfig):
                 with open(file, encoding="utf-8") as handle:
                     loaded = yaml.load(handle.read(), Loader=self.yaml_loader)
             except yaml.YAMLError as error:
-                raise ConfigError(f"Config file {file} is not valid YAML: {error}") from None
+                mark = getattr(error, "problem_mark", None)  # one line: the problem and where, not PyYAML's excerpt
+                where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+                problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+                raise ConfigError(f"Config file {file} is not valid YAML: {problem}{where}.") from None
             if loaded is not None and not isinstance(loaded, dict):
                 raise ConfigError(f"Config file {file} must hold `key: value` settings, not a {type(loaded).__name__}.")
             self._source.update({key: f"config file {file}" for key in loaded or {}})
@@ -106,14 +107,15 @@ class Config(RecBoleConfig):
         if isinstance(model, str) or model is None:
             model = model if model is not None else self.external_config_dict.get("model")
             if model is None:
-                raise KeyError("No model given: pass --model=NAME (e.g. SASRec, iLoRA).")
+                raise SettingError("No model given: pass --model=NAME (e.g. SASRec, iLoRA).")
+            check_model_name(model)  # RecBole's lookup ends in an unrelated import error for unknown names
             model_class = get_model(model)
         else:
             model_class, model = model, model.__name__
         if dataset is None:
             dataset = self.external_config_dict.get("dataset")
             if dataset is None:
-                raise KeyError("No dataset given: pass --dataset=NAME (e.g. ml-100k).")
+                raise SettingError("No dataset given: pass --dataset=NAME (e.g. ml-100k).")
         return model, model_class, dataset
 
     def _update_internal_config_dict(self, file):
@@ -134,10 +136,14 @@ class Config(RecBoleConfig):
                 loaded = self._update_internal_config_dict(str(path)) or {}
                 if path.parent.name == "dataset":
                     self.parameters["Dataset"] += [k for k in loaded if k not in self.parameters["Dataset"]]
+        if os.environ.get(OUTPUT_ROOT_ENV):  # a default only: settings files and the command line still win
+            self.internal_config_dict["output_root"] = os.environ[OUTPUT_ROOT_ENV]
 
     def _get_final_config_dict(self):
         self._check_external_settings()
-        return merge_settings(self.internal_config_dict, self.external_config_dict)
+        final = merge_settings(self.internal_config_dict, self.external_config_dict)
+        check_settings(final, self._source, self.internal_config_dict, self.external_config_dict)  # ranges and contradictions, before RecBole reads any of them
+        return final
 
     def _check_external_settings(self) -> None:
         known = known_settings() | set(self.internal_config_dict)
@@ -157,6 +163,12 @@ class Config(RecBoleConfig):
                     f"Setting {key!r} ({source}) is {value!r}, which cannot be read as a {kind} like its default "
                     f"{default!r}: give a Python/YAML literal, e.g. {key}={default!r}."
                 )
+
+    def _set_default_parameters(self):
+        super()._set_default_parameters()  # joins data_path with the dataset name
+        from recbole_ilora.data.columns import infer_columns
+
+        infer_columns(self, needs_titles=is_plugin_model(self.model))  # timestamp and titles from the headers
 
     # --- distributed (recbole_ilora.distributed) -----------------------------------------------------
     def _init_device(self):

@@ -204,12 +204,43 @@ def resolve_llm_folder(llm_path: str) -> str:
     )
 
 
+def llm_path_problem(llm_path: str, check_installed: bool = True) -> tuple[str, str] | None:
+    """``(problem, fix)`` when :func:`resolve_llm_folder` would refuse ``llm_path``, else None; converts nothing.
+
+    For the up-front validation of settings; ``check_installed`` also looks for an alias's packages.
+    """
+    choices = f"an alias ({', '.join([*OFFLINE_LLMS, TINY_ALIAS])}), a .gguf file, a Hugging Face model folder or a hub id (owner/name)"
+    if llm_path == TINY_ALIAS:
+        return None
+    if llm_path in OFFLINE_LLMS:
+        if not check_installed:
+            return None
+        try:
+            _part_paths(llm_path)
+        except LLMNotFoundError as error:
+            return "cannot be loaded", "It " + str(error).removeprefix(f"llm_path={llm_path}").lstrip(": ")
+        return None
+    path = Path(llm_path).expanduser()
+    if path.suffix == ".gguf" and not path.is_file():
+        return "names no GGUF file", f"Give {choices}."
+    if path.is_dir() and not (path / "config.json").is_file():
+        return "is a folder without config.json", "Give a Hugging Face model folder (what save_pretrained writes)."
+    if path.exists() or (llm_path.count("/") == 1 and not llm_path.startswith((".", "/", "~"))):
+        return None
+    return "does not exist", f"Give {choices}."
+
+
 def load_llm(llm_path: str, dtype: torch.dtype, corpus: Iterable[str] = ()):
     """Return ``(model, tokenizer)`` for ``llm_path``; ``corpus`` trains the tiny model's tokenizer."""
     if llm_path == TINY_ALIAS:
         return build_tiny_llama(corpus, dtype)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import sys
 
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    if not sys.stderr.isatty():
+        hf_logging.disable_progress_bar()  # "Loading weights" bars are noise in a redirected log
     folder = resolve_llm_folder(llm_path)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import colorlog
@@ -26,12 +27,20 @@ LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNI
           "critical": logging.CRITICAL}
 
 
+# Replaces the default output_root (not a value given in a settings file or on the command line): the test
+# suite points it at a temporary folder, so that nothing it runs -- subprocesses included -- writes into outputs/.
+OUTPUT_ROOT_ENV = "RECBOLE_ILORA_OUTPUT_ROOT"
+
+
 def output_root(config) -> Path:
     return Path(config["output_root"] or ".")
 
 
 def default_output_root() -> Path:
-    """``output_root`` of ``properties/overall.yaml``, for outputs written outside a run's Config (leaderboards)."""
+    """``output_root`` of ``properties/overall.yaml`` (or ``$RECBOLE_ILORA_OUTPUT_ROOT``), for outputs written
+    outside a run's Config (leaderboards, TensorBoard events of a trainer without a log file)."""
+    if os.environ.get(OUTPUT_ROOT_ENV):
+        return Path(os.environ[OUTPUT_ROOT_ENV])
     with open(properties_dir() / "overall.yaml", encoding="utf-8") as handle:
         return Path(yaml.safe_load(handle).get("output_root") or ".")
 
@@ -61,14 +70,50 @@ def init_logger(config) -> Path:
     file_handler.addFilter(RemoveColorFilter())
     console = logging.StreamHandler()
     console.setLevel(LEVELS.get(str(config["state"] or "info").lower(), logging.INFO))
-    console.setFormatter(colorlog.ColoredFormatter("%(log_color)s%(asctime)-15s %(levelname)s  %(message)s",
-                                                   "%d %b %H:%M", log_colors=log_colors_config))
+    if _is_terminal(console.stream):
+        console.setFormatter(colorlog.ColoredFormatter("%(log_color)s%(asctime)-15s %(levelname)s  %(message)s",
+                                                       "%d %b %H:%M", log_colors=log_colors_config))
+    else:  # redirected to a file or a pipe: no ANSI colour codes (RecBole colours parts of its messages too)
+        console.setFormatter(logging.Formatter("%(asctime)-15s %(levelname)s  %(message)s", "%d %b %H:%M"))
+        console.addFilter(RemoveColorFilter())
     file_handler.addFilter(_details_of_this_run)
     root = logging.getLogger()
     root.setLevel(logging.DEBUG)
     root.addHandler(console)
     root.addHandler(file_handler)
     return path
+
+
+def _is_terminal(stream) -> bool:
+    return bool(getattr(stream, "isatty", None)) and stream.isatty()
+
+
+def show_progress_bars(config) -> bool:
+    """Progress bars only on a terminal: redirected, their redraws and colour codes are noise."""
+    import sys
+
+    return bool(config["show_progress"]) and _is_terminal(sys.stderr)
+
+
+@contextmanager
+def details_to_log_file():
+    """INFO records of the block go to the run's log file only: the console handlers show warnings and errors."""
+    root = logging.getLogger()
+    consoles = [h for h in root.handlers if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
+    levels = [handler.level for handler in consoles]
+    for handler in consoles:
+        handler.setLevel(max(handler.level, logging.WARNING))
+    try:
+        yield
+    finally:
+        for handler, level in zip(consoles, levels):
+            handler.setLevel(level)
+
+
+def dataset_summary(dataset) -> str:
+    """One line of counts without RecBole's padding ids (its printout counts user and item 0)."""
+    return (f"Dataset {dataset.dataset_name}: {dataset.user_num - 1:,} users, {dataset.item_num - 1:,} items, "
+            f"{len(dataset.inter_feat):,} interactions after the filters")
 
 
 def _details_of_this_run(record: logging.LogRecord) -> bool:

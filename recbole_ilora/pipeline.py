@@ -16,6 +16,7 @@ from recbole.utils import init_seed
 
 from recbole_ilora.config import Config
 from recbole_ilora.gate_encoder import gate_encoder_path, gate_run_settings, item_tokens_digest
+from recbole_ilora.outputs import details_to_log_file, show_progress_bars
 from recbole_ilora.utils import atomic_path, isolated_rng
 
 
@@ -54,26 +55,28 @@ def _pretrain(dataset_name: str, settings: dict, path: Path) -> Path:
 
     logger = getLogger()
     logger.info(f"Pretraining the gate encoder (RecBole SASRec) on {dataset_name}; it is saved to {path} and reused.")
-    sasrec_config = Config(model="SASRec", dataset=dataset_name, config_dict=dict(settings))
-    # The data path arrives already joined with the dataset name; undo RecBole's second join.
-    sasrec_config["data_path"] = settings["data_path"]
-    init_seed(sasrec_config["seed"], sasrec_config["reproducibility"])
-    dataset = create_dataset(sasrec_config)
-    train_data, valid_data, _ = data_preparation(sasrec_config, dataset)
-    init_seed(sasrec_config["seed"], sasrec_config["reproducibility"])
-    model = SASRec(sasrec_config, train_data._dataset).to(sasrec_config["device"])
+    with details_to_log_file():  # RecBole's data statistics and per-epoch lines: the log file only
+        sasrec_config = Config(model="SASRec", dataset=dataset_name, config_dict=dict(settings))
+        # The data path arrives already joined with the dataset name; undo RecBole's second join.
+        sasrec_config["data_path"] = settings["data_path"]
+        init_seed(sasrec_config["seed"], sasrec_config["reproducibility"])
+        dataset = create_dataset(sasrec_config)
+        train_data, valid_data, _ = data_preparation(sasrec_config, dataset)
+        init_seed(sasrec_config["seed"], sasrec_config["reproducibility"])
+        model = SASRec(sasrec_config, train_data._dataset).to(sasrec_config["device"])
 
-    class GateTrainer(Trainer):
-        def _save_checkpoint(self, epoch, verbose=True, **kwargs):
-            # It writes to the temporary file of atomic_path: not a name to show the user.
-            super()._save_checkpoint(epoch, verbose=False, **kwargs)
+        class GateTrainer(Trainer):
+            def _save_checkpoint(self, epoch, verbose=True, **kwargs):
+                # It writes to the temporary file of atomic_path: not a name to show the user.
+                super()._save_checkpoint(epoch, verbose=False, **kwargs)
 
-    trainer = GateTrainer(sasrec_config, model)
-    with atomic_path(path) as partial:  # parallel runs may pretrain the same encoder; an interrupt leaves nothing
-        trainer.saved_model_file = str(partial)
-        trainer.fit(train_data, valid_data, saved=True, show_progress=sasrec_config["show_progress"])
-        checkpoint = torch.load(partial, map_location="cpu", weights_only=False)  # written just above
-        checkpoint["item_tokens_digest"] = item_tokens_digest(dataset)
-        torch.save(checkpoint, partial)
-    logger.info(f"Saved the gate encoder to {path}")
+        trainer = GateTrainer(sasrec_config, model)
+        with atomic_path(path) as partial:  # parallel runs may pretrain the same encoder; an interrupt leaves nothing
+            trainer.saved_model_file = str(partial)
+            score, _ = trainer.fit(train_data, valid_data, saved=True, show_progress=show_progress_bars(sasrec_config))
+            checkpoint = torch.load(partial, map_location="cpu", weights_only=False)  # written just above
+            checkpoint["item_tokens_digest"] = item_tokens_digest(dataset)
+            torch.save(checkpoint, partial)
+    logger.info(f"Gate encoder pretrained: best validation {sasrec_config['valid_metric']} {float(score):.4f} (its "
+                f"epochs are in the log file)")
     return path

@@ -22,12 +22,13 @@ from recbole_ilora.config import Config
 from recbole_ilora.data import check_atomic_files, check_dataset
 from recbole_ilora.evaluation import RecordingEvaluator, per_user_metrics, prepare_eval_loaders
 from recbole_ilora.interrupt import TrainingInterrupted
-from recbole_ilora.outputs import init_logger, resolve_checkpoint_dir
+from recbole_ilora.outputs import dataset_summary, init_logger, resolve_checkpoint_dir, show_progress_bars
 from recbole_ilora.pipeline import build_model
+from recbole_ilora.projection import check_cpu_run, recheck_after_first_step
+from recbole_ilora.settings import check_run_environment
 from recbole_ilora.trainer import get_trainer, resume_training
 from recbole_ilora.utils import is_plugin_model, isolated_rng
 
-SLOW_RUN_WARNING_HOURS = 1.0
 
 
 def count_trainable_parameters(model: torch.nn.Module) -> int:
@@ -64,6 +65,7 @@ def run_recbole_ilora(
     config = Config(model=model, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict)
     if config["eval_checkpoint"]:
         config = eval_checkpoint_config(config)  # the settings it was trained with (one line if contradicted)
+    check_run_environment(config)  # the GPU asked for exists, the LLM is installed: before any work
     init_seed(config["seed"], config["reproducibility"])
     resolve_checkpoint_dir(config)
     handlers_before = set(logging.getLogger().handlers)
@@ -87,13 +89,19 @@ def _train_and_test(config, saved):
     logger.debug(f"Command line: {sys.argv}")
     logger.debug(config)
     logger.info(set_color("Protocol", "blue") + f": {config.protocol()}")
+    if getattr(config, "inferred_columns", None):
+        logger.info(config.inferred_columns)
 
     check_atomic_files(config)
     dataset = create_dataset(config)
     check_dataset(dataset, config)
-    logger.info(dataset)
+    logger.debug(dataset)  # RecBole's statistics (its counts include the padding ids): the log file
+    logger.info(dataset_summary(dataset))
     train_data, valid_data, test_data = data_preparation(config, dataset)
     prepare_eval_loaders(config, valid_data, test_data)  # fixed_eval_negatives: candidates per (seed, phase, user)
+
+    # LLM runs on a CPU: projected time and memory before the gate encoder and the LLM; refused when too large.
+    projection = check_cpu_run(config, train_data, dataset) if is_plugin_model(config["model"]) else None
 
     init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
     # distributed: rank 0 builds first (pretrains and caches the gate encoder), the others then reuse it.
@@ -105,8 +113,8 @@ def _train_and_test(config, saved):
         transform = construct_transform(config)
         flops = get_flops(model, dataset, config["device"], logger, transform)
         logger.info(set_color("FLOPs", "blue") + f": {flops}")
-    elif torch.device(config["device"]).type == "cpu":
-        _warn_if_slow(model, train_data, config)
+    elif projection is not None:
+        recheck_after_first_step(_time_one_step(model, train_data, config), projection, config)
     num_trainable = count_trainable_parameters(model)
     logger.info(set_color("Trainable parameters", "blue") + f": {num_trainable:,}")
 
@@ -121,7 +129,7 @@ def _train_and_test(config, saved):
     if config["resume"]:
         resume_training(trainer, config["resume"])  # exact resume of an interrupted run (plugin models)
     # The plugin trainer keeps the curve (a resumed run continues the interrupted run's); RecBole's has none.
-    curve, progress = getattr(trainer, "learning_curve", []), distributed.show_progress(config)
+    curve, progress = getattr(trainer, "learning_curve", []), distributed.show_progress(config) and show_progress_bars(config)
     start = time.perf_counter()
     if config["eval_checkpoint"]:
         # A trained checkpoint, evaluated as it is (e.g. with another score_aggregation): no training.
@@ -184,26 +192,15 @@ def _learning_curve_recorder(trainer, test_data, curve: list):
     return record
 
 
-def _warn_if_slow(model, train_data, config) -> None:
-    """Say before training starts when an LLM run on a CPU would take more than an hour per epoch.
-
-    Times the forward pass of one training micro-batch (a backward pass costs about twice as much) and
-    scales it to the epoch; the draws it makes are undone -- the global streams' and the train loader's own
-    batch-order generator's -- so the run itself is unchanged.
-    """
-    batches = min(len(train_data), config["limit_train_batches"] or len(train_data))
+def _time_one_step(model, train_data, config) -> float:
+    """Seconds of one training step on the first training micro-batch, from its timed forward pass (a backward
+    pass costs about twice as much). The draws it makes are undone -- the global streams' and the train loader's
+    own batch-order generator's -- so the run itself is unchanged."""
     with isolated_rng(train_data.generator), torch.no_grad():
         interaction = next(iter(train_data)).to(config["device"])
         start = time.perf_counter()
         model.calculate_loss(interaction)
-        step_seconds = 3 * (time.perf_counter() - start)
-    hours = step_seconds * batches / 3600
-    if hours > SLOW_RUN_WARNING_HOURS:
-        getLogger().warning(
-            f"Projected training time on this CPU: about {hours:.1f} h per epoch ({batches:,} batches x "
-            f"{step_seconds:.1f} s), {hours * config['epochs']:.0f} h for {config['epochs']} epochs. Train LLM "
-            f"models on a GPU, or try the pipeline with --config_files=properties/cpu-demo.yaml."
-        )
+        return 3 * (time.perf_counter() - start)
 
 
 def _remove_run_handlers(handlers_before: set) -> None:

@@ -38,7 +38,7 @@ import torch
 from recbole.trainer import Trainer
 from recbole.utils import get_trainer as get_recbole_trainer
 from recbole.utils import set_color
-from tqdm.auto import tqdm
+from recbole_ilora.progress import WarmProgress as tqdm  # no time estimate from the first batches
 
 from recbole_ilora.checkpoints import CheckpointError, load_checkpoint_file, run_settings
 from recbole_ilora.config import ConfigError

@@ -6,12 +6,16 @@ and protocol with a few users so end-to-end runs take seconds.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
 from recbole.data import create_dataset, data_preparation
 from recbole.utils import init_seed
 
 from recbole_ilora.config import Config
+from recbole_ilora.outputs import OUTPUT_ROOT_ENV
 from tests.helpers import SLICE_NAME, SLICE_SETTINGS, TINY_LLM, write_ml100k_slice
 
 
@@ -40,3 +44,24 @@ def tiny_setup(ml100k_slice, tmp_path_factory):
     init_seed(config["seed"], True)
     train, valid, test = data_preparation(config, create_dataset(config))
     return overrides, config, train, valid, test
+
+
+# ------------------------------------------------------------------------- nothing outside tmp folders
+REPO = Path(__file__).resolve().parent.parent
+OUTPUT_FOLDERS = ("outputs", "log", "log_tensorboard", "saved")  # RecBole's and the plugin's output folders
+
+
+def files_in_output_folders() -> set:
+    return {str(path) for name in OUTPUT_FOLDERS for path in (REPO / name).rglob("*") if path.is_file()}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def outputs_in_tmp(tmp_path_factory):
+    """Every run of the suite (subprocesses included, through the environment) writes under a tmp folder; at the
+    end of the session, any file that appeared in the repository's output folders fails it."""
+    before = files_in_output_folders()
+    os.environ[OUTPUT_ROOT_ENV] = str(tmp_path_factory.mktemp("outputs"))
+    yield
+    del os.environ[OUTPUT_ROOT_ENV]
+    written = sorted(files_in_output_folders() - before)
+    assert not written, f"tests wrote outside their tmp folders: {written[:5]}"

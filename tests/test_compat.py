@@ -6,6 +6,7 @@ import importlib
 import os
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -139,3 +140,60 @@ def test_the_environment_of_a_cpu_run_on_a_gpu_machine(monkeypatch):
     assert "0.0 / 0.0" in recbole.utils.get_environment(config).draw()
     with pytest.raises((ValueError, AssertionError)):  # "Expected a cuda device" / "not compiled with CUDA"
         compat.original(recbole.utils.utils, "get_environment")(config)
+
+
+def test_tensors_do_not_alias_pandas_read_only_columns(monkeypatch):
+    """pandas 3 hands out read-only column arrays; torch.LongTensor(array) shared them (and warned)."""
+    from types import SimpleNamespace
+
+    import pandas as pd
+    from recbole.utils import FeatureType
+
+    owner = SimpleNamespace(field2type={"item_id": FeatureType.TOKEN}, config={"numerical_features": []}, field2seqlen={})
+    frame = pd.DataFrame({"item_id": [1, 2, 3]})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        interaction = Dataset._dataframe_to_interaction(owner, frame)
+    interaction["item_id"][0] = 99
+    assert frame["item_id"].tolist() == [1, 2, 3]
+    assert not [w for w in caught if "not writable" in str(w.message)]
+
+    monkeypatch.setattr(Dataset, "_dataframe_to_interaction", compat.original(Dataset, "_dataframe_to_interaction"))
+    shared = Dataset._dataframe_to_interaction(owner, frame)
+    shared["item_id"][0] = 99
+    assert frame["item_id"].tolist() == [99, 2, 3]  # RecBole's own: the tensor writes into the DataFrame
+
+
+def test_recbole_training_uses_the_current_grad_scaler(ml100k_slice, tmp_path, monkeypatch):
+    from recbole.model.sequential_recommender import GRU4Rec
+
+    config = Config(model="GRU4Rec", dataset="ml-100k-slice", config_dict={**ml100k_slice, "checkpoint_dir": str(tmp_path)})
+    train, _, _ = data_preparation(config, create_dataset(config))
+    trainer = Trainer(config, GRU4Rec(config, train._dataset).to(config["device"]))
+
+    def grad_scaler_warnings():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer._train_epoch(train, 0)
+        return [w for w in caught if "GradScaler" in str(w.message)]
+
+    assert not grad_scaler_warnings()
+    monkeypatch.setattr(Trainer, "_train_epoch", compat.original(Trainer, "_train_epoch"))
+    assert grad_scaler_warnings()  # RecBole's own: torch.cuda.amp.GradScaler is deprecated
+
+
+def test_peft_reading_a_deprecated_transformers_property_is_not_shown():
+    from peft import LoraConfig, get_peft_model
+
+    from recbole_ilora.llm import build_tiny_llama
+
+    def deprecation_warnings(show_all: bool):
+        llm, _ = build_tiny_llama(["a tiny corpus"])
+        with warnings.catch_warnings(record=True) as caught:
+            if show_all:
+                warnings.simplefilter("always")
+            get_peft_model(llm, LoraConfig(r=2, target_modules=["q_proj"]))
+        return [w for w in caught if "is_gradient_checkpointing" in str(w.message)]
+
+    assert not deprecation_warnings(show_all=False)  # the plugin's narrow filter
+    assert deprecation_warnings(show_all=True)  # the warning is still there without it

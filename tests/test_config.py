@@ -59,7 +59,7 @@ def test_unreadable_or_unknown_settings_are_refused(overrides, message):
 
 
 def test_list_settings_still_accept_a_single_name():
-    assert Config(model="SASRec", dataset="ml-100k", config_dict={"metrics": "Hit"})["metrics"] == ["Hit"]
+    assert Config(model="SASRec", dataset="ml-100k", config_dict={"metrics": "Hit", "valid_metric": "Hit@5"})["metrics"] == ["Hit"]
 
 
 def test_config_file_problems_name_the_file(tmp_path):

@@ -139,8 +139,13 @@ def test_checkpoint_save_load_gives_identical_scores(tiny_setup, tmp_path):
 
 
 def test_unknown_llm_path_is_a_clear_error(tiny_setup):
+    from recbole_ilora.llm import resolve_llm_folder
+    from recbole_ilora.settings import SettingError
+
+    with pytest.raises(SettingError, match=r"llm_path='./no/such/model' \(--llm_path\) does not exist"):
+        make_tiny_model(tiny_setup, llm_path="./no/such/model")  # refused with the settings, before any work
     with pytest.raises(FileNotFoundError, match="neither an alias"):
-        make_tiny_model(tiny_setup, llm_path="./no/such/model")
+        resolve_llm_folder("./no/such/model")
 
 
 @pytest.mark.parametrize("model_name", ["iLoRA", "LLaRA", "TALLRec"])
@@ -227,12 +232,12 @@ def test_user_token_carries_the_projected_sequence_representation(tiny_setup):
 
 def test_the_cpu_time_projection_does_not_change_the_run(tiny_setup):
     """It runs one training batch before training: the batch order and the random streams must not move."""
-    from recbole_ilora.quick_start import _warn_if_slow
+    from recbole_ilora.quick_start import _time_one_step
 
     model, config = make_tiny_model(tiny_setup)
     train = tiny_setup[2]
     before = (train.generator.get_state(), torch.get_rng_state())
-    _warn_if_slow(model, train, config)
+    assert _time_one_step(model, train, config) > 0
     assert torch.equal(train.generator.get_state(), before[0]) and torch.equal(torch.get_rng_state(), before[1])
 
 

@@ -30,10 +30,10 @@ def test_cli_rejects_malformed_overrides(bad):
 
 
 def test_protocol_defaults_and_precedence():
-    config = Config(model="SASRec", dataset="ml-100k", config_dict={"topk": [1, 10]})
+    config = Config(model="SASRec", dataset="ml-100k", config_dict={"topk": [1, 5]})
     assert config["eval_args"]["mode"] == {"valid": "uni19", "test": "uni19"}
     assert config["eval_args"]["split"] == {"LS": "valid_and_test"} and config["eval_args"]["order"] == "TO"
-    assert config["valid_metric"] == "NDCG@5" and config["topk"] == [1, 10]
+    assert config["valid_metric"] == "NDCG@5" and config["topk"] == [1, 5]
     assert config["item_text_field"] == "movie_title"  # from properties/dataset/ml-100k.yaml
     llara = Config(model="LLaRA", dataset="ml-100k", config_dict={"llm_path": "tiny-random-llama"})
     assert llara["lora_rank"] == 8 and llara["gate_lr_factor"] == 0.3  # inherited from iLoRA.yaml

@@ -29,7 +29,7 @@ from recbole_ilora.utils import NON_RESULT_KEYS, is_plugin_model
 ANALYSIS_SETTINGS = {"fixed_eval_negatives": True, "eval_generate": False, "compile": False}
 
 # Settings of a multi-process training run that do not apply to a single-process analysis.
-_PROCESS_KEYS = ("local_rank",) + LAUNCH_KEYS
+_PROCESS_KEYS = ("local_rank", "resume", "eval_checkpoint") + LAUNCH_KEYS  # files of the run, maybe gone now
 
 
 @dataclass

@@ -43,6 +43,7 @@ import numpy as np
 import pandas as pd
 
 from recbole_ilora.data.atomic_reader import SHOWN, AtomicFile, file_error, plural, read_atomic_file, setting
+from recbole_ilora.data.columns import check_time_column
 from recbole_ilora.data.item_text import DatasetError
 
 __all__ = ["check_raw_files"]
@@ -224,6 +225,15 @@ def _check_filters(inter: AtomicFile, features: dict, dropped: np.ndarray, confi
         raise file_error(inter.dataset, inter.path, f"RecBole's filters {used} would leave no {' and no '.join(empty)} "
                          f"(of {len(inter.frame)} interactions)", "Loosen them: user_inter_num_interval and "
                          "item_inter_num_interval keep the ids whose number of interactions lies inside the interval")
+    split = (setting(config, "eval_args", {}) or {}).get("split") or {}
+    if split.get("LS") == "valid_and_test":
+        # Leave-one-out holds out each user's last two items: a user with fewer than 3 has nothing to train on.
+        counts = frame[uid].value_counts()
+        if (counts >= 3).sum() == 0:
+            raise file_error(inter.dataset, inter.path, f"after RecBole's filters {used}, no user has 3 or more "
+                             f"interactions (the most is {int(counts.max())}), so the leave-one-out split (the last item "
+                             "tests, the second-to-last validates) leaves nothing to train on", "Use a dataset "
+                             "with longer histories, or another split: --eval_args=\"{'split': {'RS': [0.8, 0.1, 0.1]}}\"")
     if len(frame) < len(inter.frame) - int(dropped.sum()):
         getLogger().info(
             f"Dataset '{inter.dataset}': RecBole's filters {used} keep {len(frame)} of {len(inter.frame)} "
@@ -267,3 +277,4 @@ def check_raw_files(config) -> None:
     drops = _check_references(inter_files, features, config)
     if not benchmark:  # RecBole filters nothing in benchmark mode
         _check_filters(inter_files[0], features, drops[0], config)
+        check_time_column(config, inter_files[0].path, inter_files[0].types, inter_files[0].frame.columns)
