@@ -65,3 +65,16 @@ def outputs_in_tmp(tmp_path_factory):
     del os.environ[OUTPUT_ROOT_ENV]
     written = sorted(files_in_output_folders() - before)
     assert not written, f"tests wrote outside their tmp folders: {written[:5]}"
+
+
+@pytest.fixture(autouse=True)
+def ctrl_c_handler_restored(request):
+    """Every test leaves the process's SIGINT handler as it found it (the Ctrl-C tests rely on Python's own)."""
+    import signal
+
+    before = signal.getsignal(signal.SIGINT)
+    yield
+    after = signal.getsignal(signal.SIGINT)
+    if after is not before:
+        signal.signal(signal.SIGINT, before)
+        pytest.fail(f"{request.node.nodeid} left SIGINT handled by {after!r} (was {before!r})")

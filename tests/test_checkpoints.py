@@ -62,7 +62,7 @@ def test_eval_checkpoint_of_a_missing_file_or_another_model_is_one_line_exit_2(t
     base, _, checkpoint = trained
     (sasrec,) = (checkpoint.parent / "gate_encoders").glob("SASRec-*.pth")  # a RecBole SASRec checkpoint
     settings = [f"--data_path={base['data_path']}", f"--checkpoint_dir={tmp_path}", "--llm_path=tiny-random-llama"]
-    for path, expected in ((tmp_path / "missing.pth", "no such file"), (sasrec, "holds a SASRec model")):
+    for path, expected in ((tmp_path / "missing.pth", "does not exist"), (sasrec, "holds a SASRec model")):
         with pytest.raises(SystemExit) as stopped:
             main(["--model=iLoRA", f"--dataset={SLICE_NAME}", f"--eval_checkpoint={path}", *settings])
         assert stopped.value.code == 2
