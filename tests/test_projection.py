@@ -90,7 +90,8 @@ def test_a_small_run_passes(ml100k_slice, tmp_path, llm_folder, monkeypatch):
 
 
 def test_the_measured_step_rechecks_the_projection():
-    config = Config(model="iLoRA", dataset="ml-100k", config_file_list=["properties/cpu-demo.yaml"])
+    config = Config(model="iLoRA", dataset="ml-100k", config_file_list=["properties/cpu-demo.yaml"],
+                    config_dict={"gpu_id": ""})  # a CPU run, on a GPU machine too
     planned = project(config, train_batches=24, n_users=54, n_items=1682, title_chars=25,
                       shape=projection.llm_shape("smollm2-135m"), flops_per_second=CPU_SPEED)
     recheck_after_first_step(1.0, planned, config)  # as projected: passes
