@@ -62,7 +62,7 @@ def _spawn_worker(local_rank, model, dataset, config_file_list, config_dict, sav
             pickle.dump(result, file)
 
 
-def _workers_handle_first_interrupt():
+def workers_handle_first_interrupt():
     """Ctrl-C reaches every process of the terminal's group: the workers stop at their next optimiser step
     and write a resume checkpoint, so the launcher waits for them instead of killing them; a second Ctrl-C
     stops it at once."""
@@ -87,7 +87,7 @@ def spawn(model, dataset, config_file_list=None, config_dict=None, saved=True, n
     })
     with tempfile.TemporaryDirectory(prefix="recbole_ilora_ddp_") as folder:
         result_path = str(Path(folder) / "result.pkl")
-        with _workers_handle_first_interrupt():
+        with workers_handle_first_interrupt():
             mp.spawn(
                 _spawn_worker, args=(model, dataset, config_file_list, config_dict, saved, result_path),
                 nprocs=int(nproc), join=True,

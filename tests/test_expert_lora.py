@@ -88,12 +88,12 @@ def test_gate_weights_are_bound_for_one_call_only():
     routing = model.base_model.routing
     ids = torch.randint(0, 100, (2, 7))
     model(input_ids=ids, gate_input=torch.randn(2, GATE_INPUT))
-    assert routing._bound == []
+    assert routing.layer_calls_in_progress == 0
     with pytest.raises(RuntimeError, match="without gate weights"):
         model.base_model.model(input_ids=ids)  # the adapted layers refuse to run without a mixture
     with pytest.raises(RuntimeError, match="batch of 3"):
         model(input_ids=ids, gate_input=torch.randn(3, GATE_INPUT))
-    assert routing._bound == []  # released after a failing call too
+    assert routing.layer_calls_in_progress == 0  # released after a failing call too
     with pytest.raises(ValueError, match="gate input"):
         model(input_ids=ids)
 
@@ -146,7 +146,7 @@ def test_generation_is_routed_per_example():
     ids, z = torch.randint(3, 100, (2, 5)), torch.randn(2, GATE_INPUT)
     together = model.generate(input_ids=ids, gate_input=z, max_new_tokens=4, do_sample=False, pad_token_id=0)
     alone = model.generate(input_ids=ids[1:], gate_input=z[1:], max_new_tokens=4, do_sample=False, pad_token_id=0)
-    assert torch.equal(together[1:], alone) and model.base_model.routing._bound == []
+    assert torch.equal(together[1:], alone) and model.base_model.routing.layer_calls_in_progress == 0
 
 
 def test_save_pretrained_then_from_pretrained_restores_experts_and_gate(tmp_path):

@@ -26,7 +26,7 @@ def test_two_stage_handler_first_asks_second_stops_at_once_then_restores():
 
 
 def test_the_launcher_waits_on_the_first_interrupt_and_stops_on_the_second(caplog):
-    with launch._workers_handle_first_interrupt():
+    with launch.workers_handle_first_interrupt():
         with caplog.at_level(logging.WARNING):
             signal.raise_signal(signal.SIGINT)  # the workers stop at their next step: nothing raised here
         assert "waiting for the workers" in caplog.text

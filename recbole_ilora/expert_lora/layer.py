@@ -36,6 +36,11 @@ class ExpertRouting:
         self._generating: list[torch.Tensor] = []  # weights of a generate call in progress
         self._calls = 0  # model calls in progress (more than one when a call is made while a layer runs)
 
+    @property
+    def layer_calls_in_progress(self) -> int:
+        """Decoder-layer calls that hold bound weights now (0 between model calls: nothing outlives a call)."""
+        return len(self._bound)
+
     def bind(self, attention: nn.Module, args: tuple, kwargs: dict):
         """Forward pre-hook (with kwargs) of a decoder layer's attention: bind this layer call's weights."""
         if ROUTING_KWARG in kwargs:
