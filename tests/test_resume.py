@@ -167,16 +167,6 @@ def trainer(settings_file, tmp_path_factory):
     return iLoRATrainer(config, iLoRA(config, train._dataset))
 
 
-def test_second_sigint_stops_at_once_and_the_handler_is_restored(trainer):
-    before = signal.getsignal(signal.SIGINT)
-    with trainer._stop_on_interrupt():
-        signal.raise_signal(signal.SIGINT)
-        assert trainer._stop_requested  # the first only asks for a stop at the next optimiser step
-        with pytest.raises(KeyboardInterrupt):
-            signal.raise_signal(signal.SIGINT)
-    assert signal.getsignal(signal.SIGINT) is before
-
-
 def test_resume_refuses_what_it_cannot_continue_exactly(trainer, ml100k_slice, tmp_path):
     trainer._save_checkpoint(0, verbose=False, saved_model_file=str(tmp_path / "best.pth"))
     with pytest.raises(ConfigError, match="best-model checkpoint"):  # ConfigError: one line on the command line
