@@ -52,13 +52,14 @@ OUTPUT_FOLDERS = ("outputs", "log", "log_tensorboard", "saved")  # RecBole's and
 
 
 def files_in_output_folders() -> set:
-    return {str(path) for name in OUTPUT_FOLDERS for path in (REPO / name).rglob("*") if path.is_file()}
+    """Files and folders (RecBole's Trainer creates an empty ``saved/`` for a relative checkpoint_dir)."""
+    return {str(path) for name in OUTPUT_FOLDERS for path in (REPO / name, *(REPO / name).rglob("*")) if path.exists()}
 
 
 @pytest.fixture(scope="session", autouse=True)
 def outputs_in_tmp(tmp_path_factory):
     """Every run of the suite (subprocesses included, through the environment) writes under a tmp folder; at the
-    end of the session, any file that appeared in the repository's output folders fails it."""
+    end of the session, any file or folder that appeared in the repository's output folders fails it."""
     before = files_in_output_folders()
     os.environ[OUTPUT_ROOT_ENV] = str(tmp_path_factory.mktemp("outputs"))
     yield

@@ -83,9 +83,9 @@ def test_every_model_ranks_the_same_candidates(overrides):
     assert seen["SASRec"] == seen["GRU4Rec"] == seen["iLoRA"]
 
 
-def test_a_sampling_call_holding_several_users_is_refused_not_drawn_from_the_global_stream(ml100k_slice):
+def test_a_sampling_call_holding_several_users_is_refused_not_drawn_from_the_global_stream(ml100k_slice, tmp_path):
     """Fixed candidates are a function of (seed, phase, user): rows of two users in one call cannot be."""
-    _, _, _, test = build("SASRec", {**ml100k_slice, "epochs": 1})
+    _, _, _, test = build("SASRec", {**ml100k_slice, "epochs": 1, "checkpoint_dir": str(tmp_path)})
     sampling = test._neg_sampling
     assert isinstance(sampling, PerUserSeededNegatives)
     dataset = test._dataset
