@@ -75,6 +75,11 @@ _NUMPY_ALIASES = {
     "unicode": np.str_,
 }
 
+# The same rewrite in RecBole's Trainer and in NCLTrainer, which copies its epoch loop.
+_CURRENT_GRAD_SCALER = [
+    ("amp.GradScaler(enabled=self.enable_scaler)", 'torch.amp.GradScaler("cuda", enabled=self.enable_scaler)', 1),
+]
+
 # (module, class, method) -> [(old expression, new expression, expected occurrences)]
 _SOURCE_FIXES = {
     ("recbole.data.dataset.dataset", "Dataset", "_load_feat"): [
@@ -109,12 +114,8 @@ _SOURCE_FIXES = {
         ("value = data[k].values", "value = data[k].to_numpy(copy=True)", 1),
     ],
     # torch.cuda.amp.GradScaler(...) is deprecated (a FutureWarning on every RecBole training, CPU too).
-    ("recbole.trainer.trainer", "Trainer", "_train_epoch"): [
-        ("amp.GradScaler(enabled=self.enable_scaler)", 'torch.amp.GradScaler("cuda", enabled=self.enable_scaler)', 1),
-    ],
-    ("recbole.trainer.trainer", "NCLTrainer", "_train_epoch"): [
-        ("amp.GradScaler(enabled=self.enable_scaler)", 'torch.amp.GradScaler("cuda", enabled=self.enable_scaler)', 1),
-    ],
+    ("recbole.trainer.trainer", "Trainer", "_train_epoch"): _CURRENT_GRAD_SCALER,
+    ("recbole.trainer.trainer", "NCLTrainer", "_train_epoch"): _CURRENT_GRAD_SCALER,
     ("recbole.trainer.trainer", "Trainer", "resume_checkpoint"): [
         (
             "torch.load(resume_file, map_location=self.device)",

@@ -74,6 +74,17 @@ def first_batch(loader):
     return batch[0] if isinstance(batch, tuple) else batch
 
 
+def first_training_batch(model, loader):
+    """The loader's first batch with what a training step draws for it: its candidates (the target and random
+    negatives) and template 0 for every prompt."""
+    from recbole_ilora.sampling import training_candidates
+
+    interaction = first_batch(loader)
+    history, present = model.recent_history(interaction)
+    candidates = training_candidates(interaction["item_id"], history, model.n_items, model.num_candidates)
+    return interaction, candidates, torch.zeros(len(interaction), dtype=torch.long)
+
+
 def randomize_lora_b(model, seed=0):
     """peft starts B at zero (LoRA is then a no-op and A gets no gradient): give it values so tests bite."""
     generator = torch.Generator().manual_seed(seed)

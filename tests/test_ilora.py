@@ -10,9 +10,8 @@ import torch
 
 from recbole_ilora.prompt import BEHAVIOUR, USER
 from recbole_ilora.quick_start import run_recbole_ilora
-from recbole_ilora.sampling import training_candidates
 from recbole_ilora.trainer import iLoRATrainer
-from tests.helpers import first_batch, make_tiny_model, randomize_lora_b
+from tests.helpers import first_batch, first_training_batch, make_tiny_model, randomize_lora_b
 
 
 def test_rank_not_divisible_by_experts_is_a_clear_error(tiny_setup):
@@ -47,10 +46,8 @@ def test_gradients_reach_experts_gate_projector_only(tiny_setup):
 
 def test_prompt_puts_behaviour_token_after_each_title(tiny_setup):
     model, _ = make_tiny_model(tiny_setup)
-    interaction = first_batch(tiny_setup[2])
+    interaction, candidates, template = first_training_batch(model, tiny_setup[2])
     history, present = model.recent_history(interaction)
-    candidates = training_candidates(interaction["item_id"], history, model.n_items, model.num_candidates)
-    template = torch.zeros(len(interaction), dtype=torch.long)
     prompts = model.encode(interaction, candidates, template=template, target=interaction["item_id"]).prompts
     row = int(torch.argmax(present.sum(1)))
     text = model.prompt.decode(prompts, row)
@@ -244,10 +241,7 @@ def test_the_cpu_time_projection_does_not_change_the_run(tiny_setup):
 def test_evaluating_with_fewer_candidates_leaves_training_prompts_unchanged(tiny_setup):
     """uni9 evaluation lists 10 candidates, training 20: scoring must not change what training prompts say."""
     model, _ = make_tiny_model(tiny_setup, eval_args={"mode": {"valid": "uni9", "test": "uni9"}})
-    interaction = first_batch(tiny_setup[2])
-    history, present = model.recent_history(interaction)
-    candidates = training_candidates(interaction["item_id"], history, model.n_items, model.num_candidates)
-    template = torch.zeros(len(interaction), dtype=torch.long)
+    interaction, candidates, template = first_training_batch(model, tiny_setup[2])
 
     def training_prompt():
         return model.prompt.decode(model.encode(interaction, candidates, template=template).prompts, 0)
@@ -268,10 +262,7 @@ def test_evaluating_with_fewer_candidates_leaves_training_prompts_unchanged(tiny
 def test_the_frozen_sasrec_stays_in_eval_mode_while_the_model_trains(tiny_setup):
     """Its dropout would make the gate input and behavioural tokens of a training batch random."""
     model, _ = make_tiny_model(tiny_setup)
-    interaction = first_batch(tiny_setup[2])
-    history, _ = model.recent_history(interaction)
-    candidates = training_candidates(interaction["item_id"], history, model.n_items, model.num_candidates)
-    template = torch.zeros(len(interaction), dtype=torch.long)
+    interaction, candidates, template = first_training_batch(model, tiny_setup[2])
 
     def encoded():
         with torch.no_grad():
