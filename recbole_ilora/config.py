@@ -28,6 +28,7 @@ import yaml
 from recbole.config import Config as RecBoleConfig
 from recbole.utils import argument_list
 
+from recbole_ilora.batch_sizes import provisional_batch_sizes
 from recbole_ilora.distributed.process_group import init_distributed_device
 from recbole_ilora.outputs import OUTPUT_ROOT_ENV
 from recbole_ilora.settings import ConfigError, SettingError, check_model_name, check_settings
@@ -175,8 +176,12 @@ class Config(RecBoleConfig):
         # RecBole's own only knows NCCL on CUDA; with ``local_rank`` set (--nproc, torchrun) the plugin's
         # also runs gloo on CPU. Without it (one process) RecBole's is used unchanged.
         if "local_rank" not in self.final_config_dict:
-            return super()._init_device()
-        init_distributed_device(self.final_config_dict)
+            super()._init_device()
+        else:
+            init_distributed_device(self.final_config_dict)
+        # Batch sizes given as auto: numbers for every reader from here on (final on a CPU; a GPU run fits them to
+        # the device once its model is built, see recbole_ilora.batch_sizes).
+        self.auto_batch_sizes = provisional_batch_sizes(self)
 
     def protocol(self) -> str:
         """One line saying how this run is evaluated, for the log."""

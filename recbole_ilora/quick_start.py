@@ -17,6 +17,7 @@ from recbole.data.transform import construct_transform
 from recbole.utils import get_environment, get_flops, init_seed, set_color
 
 from recbole_ilora import distributed
+from recbole_ilora.batch_sizes import fit_batch_sizes_to_device, loaders_at_fitted_sizes
 from recbole_ilora.checkpoints import eval_checkpoint_config
 from recbole_ilora.config import Config
 from recbole_ilora.data import check_atomic_files, check_dataset
@@ -108,6 +109,10 @@ def _train_and_test(config, saved):
     with distributed.main_process_first():
         model = build_model(config, train_data._dataset).to(config["device"])  # iLoRA: pretrains its SASRec first
     logger.debug(model)
+    if fit_batch_sizes_to_device(config, model, train_data, test_data, getattr(config, "auto_batch_sizes", ())):
+        # auto on a GPU: the loaders again, at the sizes fitted to the device (drawing nothing the run would see)
+        with isolated_rng():
+            train_data, valid_data, test_data = loaders_at_fitted_sizes(config, train_data, valid_data, test_data)
     if not is_plugin_model(config["model"]):
         # thop profiling of an LLM forward is slow and meaningless for LoRA; keep it for baselines.
         transform = construct_transform(config)

@@ -263,6 +263,7 @@ def check_settings(settings: dict, sources: dict, defaults: dict | None = None, 
                       f"the K experts gets rank lora_rank/K)",
                       f"Use num_experts {_words(fits)}, or a lora_rank that is a multiple of {experts} "
                       f"(e.g. --lora_rank={multiple}).")
+    _check_auto_sizes(settings, where)
     _check_eval_args(settings.get("eval_args"), (given or {}).get("eval_args", settings.get("eval_args")),
                      where("eval_args"))
     _check_metrics(settings, where)
@@ -275,6 +276,15 @@ def check_settings(settings: dict, sources: dict, defaults: dict | None = None, 
         raise _refuse("eval_checkpoint", settings["eval_checkpoint"], where("eval_checkpoint"),
                       f"and resume={settings['resume']!r} ({where('resume')}) contradict each other (evaluating a "
                       "trained model vs continuing its training)", "Give one of them.")
+
+
+def _check_auto_sizes(settings: dict, where) -> None:
+    """Batch sizes are numbers or ``auto`` (:mod:`recbole_ilora.batch_sizes`)."""
+    for name in ("train_batch_size", "gradient_accumulation_steps", "eval_batch_size"):
+        value = settings.get(name)
+        if isinstance(value, str) and value != "auto":
+            raise _refuse(name, value, where(name), "must be a positive int or auto",
+                          f"E.g. --{name}=auto (sized for the device) or a number.")
 
 
 def _check_eval_args(eval_args, shown, source: str) -> None:
