@@ -82,6 +82,8 @@ def parse_args(argv=None):
                         help="comma-separated micro-batches for the train section (default: --batch_size)")
     parser.add_argument("--checkpointing", choices=("off", "on", "both"), default="off",
                         help="activation checkpointing of the decoder layers in the train section")
+    parser.add_argument("--settings", type=json.loads, default={},
+                        help='JSON of model settings for every variant, e.g. \'{"lora_dropout": 0.0}\'')
     parser.add_argument("--out", default="outputs/results/benchmark.json")
     return parser.parse_args(argv)
 
@@ -173,6 +175,7 @@ def setup(args):
     }
     if args.score_pack_tokens:
         overrides["score_pack_tokens"] = args.score_pack_tokens
+    overrides.update(args.settings)
     config = Config(model="iLoRA", dataset=args.dataset, config_dict=overrides)
     init_seed(config["seed"], True)
     train, valid, test = data_preparation(config, create_dataset(config))
