@@ -272,6 +272,11 @@ def check_settings(settings: dict, sources: dict, defaults: dict | None = None, 
         raise _refuse("user_token", True, where("user_token"), f"contradicts use_behaviour_tokens=False "
                       f"({where('use_behaviour_tokens')}): user_token needs use_behaviour_tokens: true (the user token "
                       "goes through the behavioural tokens' projector)", "Drop user_token, or set use_behaviour_tokens: true.")
+    if settings.get("lm_loss_weight") == 0 and settings.get("listwise_loss_weight") == 0:
+        raise _refuse("lm_loss_weight", settings["lm_loss_weight"], where("lm_loss_weight"),
+                      f"and listwise_loss_weight={settings['listwise_loss_weight']!r} ({where('listwise_loss_weight')}) "
+                      "leave no training loss", "Give one a positive weight, e.g. --lm_loss_weight=1.0 (the paper's LM "
+                      "loss, the default).")
     if settings.get("resume") and settings.get("eval_checkpoint"):
         raise _refuse("eval_checkpoint", settings["eval_checkpoint"], where("eval_checkpoint"),
                       f"and resume={settings['resume']!r} ({where('resume')}) contradict each other (evaluating a "

@@ -46,6 +46,10 @@ BAD_SETTINGS = [
     (["--max_history=0"], ["max_history=0", "x >= 1"]),
     (["--stopping_step=-1"], ["stopping_step=-1", "x >= 0"]),
     (["--resume=/tmp/a.resume", "--eval_checkpoint=/tmp/b.pth"], ["resume='/tmp/a.resume'", "does not exist"]),
+    (["--lm_loss_weight=0", "--listwise_loss_weight=0"], ["lm_loss_weight=0", "listwise_loss_weight=0",
+                                                         "no training loss", "--lm_loss_weight=1.0"]),
+    (["--lm_loss_weight=0"], ["lm_loss_weight=0", "listwise_loss_weight=0.0 (default)", "no training loss"]),
+    (["--listwise_loss_weight=-1"], ["listwise_loss_weight=-1", "x >= 0"]),
 ]
 
 
