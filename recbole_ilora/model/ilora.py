@@ -34,7 +34,7 @@ Hyper-parameters: ``properties/model/iLoRA.yaml`` (each key documented there).
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -58,11 +58,13 @@ from recbole_ilora.scoring import PackedScorer, display_order, group_candidate_r
 class TrainingOutput(ModelOutput):
     """What :meth:`iLoRA.forward` returns for a training batch."""
 
-    loss: torch.Tensor | None = None
-    logits: torch.Tensor | None = None  # [answer tokens, vocabulary]
+    loss: torch.Tensor | None = None  # lm_loss_weight x lm_loss + listwise_loss_weight x listwise_loss
+    logits: torch.Tensor | None = None  # [answer tokens, vocabulary]; None without the LM loss
     labels: torch.Tensor | None = None  # [answer tokens]
     tokens: torch.Tensor | None = None  # prompt tokens of the batch, and token slots with padding (no host sync)
     token_slots: int | None = None
+    lm_loss: torch.Tensor | None = None  # the parts of loss, unweighted; None where its weight is 0
+    listwise_loss: torch.Tensor | None = None
 
 
 class iLoRA(SequentialRecommender):
@@ -82,6 +84,10 @@ class iLoRA(SequentialRecommender):
         self.exclude_history_from_negatives = config["exclude_history_from_negatives"]
         self.generate_max_new_tokens = config["generate_max_new_tokens"]
         self.seed = config["seed"]
+        self.lm_loss_weight = float(config["lm_loss_weight"])
+        self.listwise_loss_weight = float(config["listwise_loss_weight"])
+        if self.lm_loss_weight == 0 and self.listwise_loss_weight == 0:
+            raise ValueError("lm_loss_weight and listwise_loss_weight are both 0: there is no training loss.")
         self.training_progress = 0.0  # set by the trainer: fraction of optimisation steps done
         if self.num_candidates > self.n_items - 1:
             raise ValueError(f"num_candidates={self.num_candidates} exceeds the {self.n_items - 1} items of the dataset.")
@@ -201,25 +207,54 @@ class iLoRA(SequentialRecommender):
 
     # ---------------------------------------------------------------------------------------- training
     def forward(self, interaction) -> TrainingOutput:
-        """The LM loss on each prompt's answer (the next item's title), from logits at the answer positions only."""
+        """Draws what a training prompt shows (the target among random negatives, a template, and under the
+        curriculum whether the batch is text-only), then :meth:`training_losses`."""
         target = interaction[self.POS_ITEM_ID]
         candidates = training_candidates(target, self.recent_history(interaction)[0], self.n_items, self.num_candidates,
                                          self.exclude_history_from_negatives)
         template = torch.randint(self.prompt.num_train_templates, target.shape, device=target.device)
         text_only = self.curriculum and torch.rand(()).item() < 1.0 - self.training_progress
-        encoded = self.encode(interaction, candidates, template=template, target=target,
-                              with_behaviour=self.use_behaviour_tokens and not text_only)
+        return self.training_losses(interaction, candidates, template, self.use_behaviour_tokens and not text_only)
+
+    def training_losses(self, interaction, candidates, template, with_behaviour: bool) -> TrainingOutput:
+        """``lm_loss_weight`` x the LM loss on each prompt's answer (the next item's title), from logits at the answer
+        positions only, + ``listwise_loss_weight`` x :meth:`listwise_loss` over the ``[B, C]`` candidates it lists."""
+        target = interaction[self.POS_ITEM_ID]
+        with_lm_loss = self.lm_loss_weight > 0
+        encoded = self.encode(interaction, candidates, template=template, target=target if with_lm_loss else None,
+                              with_behaviour=with_behaviour)
         prompts = encoded.prompts
+        loss = lm_loss = listwise_loss = logits = labels = None
+        if with_lm_loss:
+            with self.autocast():
+                hidden = self.adapter.decode(encoded.gate_input, inputs_embeds=encoded.inputs_embeds,
+                                             attention_mask=prompts.attention_mask.long(), use_cache=False).last_hidden_state
+                # each answer token is predicted from the position before it
+                answer = true_indices(prompts.kind[:, 1:] == ANSWER, prompts.num_answer)
+                row, column = answer // (hidden.shape[1] - 1), answer % (hidden.shape[1] - 1)
+                logits = self.llm.get_output_embeddings()(hidden[row, column])
+            labels = prompts.input_ids[row, column + 1]
+            lm_loss = F.cross_entropy(logits.float(), labels)
+            loss = self.lm_loss_weight * lm_loss
+        if self.listwise_loss_weight > 0:
+            listwise_loss = self.listwise_loss(encoded, candidates, target)
+            weighted = self.listwise_loss_weight * listwise_loss
+            loss = weighted if loss is None else loss + weighted
+        return TrainingOutput(loss=loss, logits=logits, labels=labels, tokens=prompts.lengths.sum(),
+                              token_slots=prompts.input_ids.numel(), lm_loss=lm_loss, listwise_loss=listwise_loss)
+
+    def listwise_loss(self, encoded: EncodedPrompts, candidates: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of the softmax over the ``[B, C]`` candidates' scores -- the evaluation's, from the packed
+        scorer (one forward after one copy of each prompt), here with gradients -- against the target's place."""
+        prompts = encoded.prompts
+        # The LM loss's prompts end with the answer: masked out, it is a key no candidate sees, so the prompt is
+        # encoded once for both losses.
+        without_answer = replace(prompts, attention_mask=prompts.attention_mask & (prompts.kind != ANSWER))
         with self.autocast():
-            hidden = self.adapter.decode(encoded.gate_input, inputs_embeds=encoded.inputs_embeds,
-                                         attention_mask=prompts.attention_mask.long(), use_cache=False).last_hidden_state
-            # each answer token is predicted from the position before it
-            answer = true_indices(prompts.kind[:, 1:] == ANSWER, prompts.num_answer)
-            row, column = answer // (hidden.shape[1] - 1), answer % (hidden.shape[1] - 1)
-            logits = self.llm.get_output_embeddings()(hidden[row, column])
-        labels = prompts.input_ids[row, column + 1]
-        return TrainingOutput(loss=F.cross_entropy(logits.float(), labels), logits=logits, labels=labels,
-                              tokens=prompts.lengths.sum(), token_slots=prompts.input_ids.numel())
+            scores = self.scorer(replace(encoded, prompts=without_answer), candidates,
+                                 torch.ones_like(candidates, dtype=torch.bool))
+        target_index = (candidates == target[:, None]).long().argmax(1)  # the target is listed exactly once
+        return F.cross_entropy(scores, target_index)
 
     def calculate_loss(self, interaction):
         return self.forward(interaction).loss
