@@ -8,7 +8,8 @@ RecBole's uniN evaluation lists each user's candidates in consecutive rows (posi
 mask each candidate token sees the whole prompt and, causally, its own candidate only, and positions
 restart at the prompt length for every candidate. One forward pass then equals scoring each candidate
 after its own copy of the prompt, without copying the prompt; no KV cache is kept, so training and
-scoring run the same (compiled) decoder call.
+scoring run the same (compiled) decoder call. Nothing here turns gradients off: the listwise training loss
+(``listwise_loss_weight``) backpropagates through the same scores.
 
 A candidate's score aggregates the log-probabilities of its answer tokens (``title + newline``),
 ``score_aggregation``:

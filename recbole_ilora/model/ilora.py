@@ -27,6 +27,10 @@ Departures from the authors' code, each a config option (defaults follow the aut
 Beyond the paper, off by default: ``user_token`` adds one behavioural token after the history,
 SASRec's representation ``z`` of the whole sequence through the same projector (in the spirit of
 LLM-SRec, Kim et al. 2025, arXiv:2502.13909); the paper's LLM never sees ``z`` itself, only the gate does.
+``listwise_loss_weight`` trains on the ranking itself: a softmax over the scores of the prompt's candidates (the
+evaluation's, ``score_aggregation`` of their title log-likelihoods, all packed after one copy of the prompt),
+cross-entropy on the target, alone (``lm_loss_weight: 0``) or added to the LM loss (in the spirit of S-DPO,
+Chen et al. 2024, arXiv:2406.09215, which contrasts the target with several negatives).
 
 Hyper-parameters: ``properties/model/iLoRA.yaml`` (each key documented there).
 """
