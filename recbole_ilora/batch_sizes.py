@@ -113,8 +113,13 @@ class CudaMemory:
 
 
 def _cache_key(config, memory) -> dict:
-    return {"gpu": memory.name, "gpu_memory_gib": round(memory.total_gib, 1), "torch": torch.__version__,
-            **{key: config[key] for key in SHAPE_KEYS if key in config}}
+    key = {"gpu": memory.name, "gpu_memory_gib": round(memory.total_gib, 1), "torch": torch.__version__,
+           **{key: config[key] for key in SHAPE_KEYS if key in config}}
+    # The listwise loss scores every candidate with gradients: more memory per prompt. Keyed only when it is on
+    # (which losses, not their weights), so the entries of LM-loss runs stay valid.
+    if config["listwise_loss_weight"]:
+        key["losses"] = ["lm", "listwise"] if config["lm_loss_weight"] else ["listwise"]
+    return key
 
 
 def _read_cache(path: Path) -> dict:

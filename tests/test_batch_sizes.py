@@ -84,6 +84,19 @@ def test_the_probe_picks_the_largest_sizes_that_fit_and_changes_nothing(tiny_set
     assert config_again["train_batch_size"] == 32 and config_again["eval_batch_size"] == 640
 
 
+def test_the_listwise_loss_is_probed_apart_from_the_lm_loss(tiny_setup, tmp_path):
+    """It holds every candidate's activations too: an LM-loss run's sizes are not reused for it (nor the other way)."""
+    calls = {}
+    for run, weight in (("lm", 0.0), ("listwise", 0.5), ("listwise again", 0.2), ("lm again", 0.0)):
+        model, config, train, test = _probe_setup(tiny_setup, tmp_path, listwise_loss_weight=weight)
+        memory = SimulatedMemory(model)
+        fit_batch_sizes_to_device(config, model, train, test, config.auto_batch_sizes, memory=memory)
+        calls[run] = memory.calls
+    assert calls["lm"] and calls["listwise"]  # each probed
+    assert calls["listwise again"] == calls["lm again"] == []  # the weight's value does not matter, only which losses
+    assert len(json.loads((tmp_path / CACHE_FILE).read_text())) == 2
+
+
 def test_out_of_memory_moves_to_the_next_size_and_nothing_fitting_says_what_to_do(tiny_setup, tmp_path):
     model, config, train, test = _probe_setup(tiny_setup, tmp_path / "a")
     memory = SimulatedMemory(model, train_gib_per_row=0.01, out_of_memory_above=32)
