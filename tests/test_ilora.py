@@ -275,3 +275,41 @@ def test_the_frozen_sasrec_stays_in_eval_mode_while_the_model_trains(tiny_setup)
     assert model.training and not model.gate_encoder.training
     for _ in range(2):
         torch.testing.assert_close(encoded(), (gate_input, embeddings), rtol=0, atol=0)
+
+
+def autograd_node_names(tensor: torch.Tensor) -> set:
+    """The names of every backward function that ``tensor``'s gradient goes through."""
+    seen, stack = set(), [tensor.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            stack.extend(next_node for next_node, _ in node.next_functions)
+    return {type(node).__name__ for node in seen}
+
+
+def test_behaviour_tokens_are_written_as_masked_scatter_would_without_a_data_dependent_backward(tiny_setup):
+    """encode writes the projected items at their flat indices: the same embeddings and gradients as
+    masked_scatter, whose backward (masked_select) would make the host wait for the device."""
+    model, _ = make_tiny_model(tiny_setup)
+    interaction, candidates, template = first_training_batch(model, tiny_setup[2])
+    token_embedding = model.llm.get_input_embeddings()
+    token_embedding.weight.requires_grad_(True)  # frozen in training: here to compare the input gradient too
+    trainable = {"token embedding": token_embedding.weight,
+                 **{f"projector.{name}": p for name, p in model.adapter.projector.named_parameters()}}
+    encoded = model.encode(interaction, candidates, template=template, target=interaction["item_id"])
+    prompts = encoded.prompts
+    placeholders = prompts.kind == BEHAVIOUR
+    assert placeholders.any() and not placeholders.all()
+    vectors = model.gate_encoder.item_embedding(prompts.behaviour_items[placeholders].clamp(min=0))
+    behaviour = model.adapter.projector(vectors.float())
+    expected = token_embedding(prompts.input_ids).masked_scatter(placeholders[..., None], behaviour)
+    assert torch.equal(encoded.inputs_embeds, expected)
+    cotangent = torch.randn(expected.shape, generator=torch.Generator().manual_seed(0))
+    got = torch.autograd.grad(encoded.inputs_embeds, list(trainable.values()), cotangent)
+    want = torch.autograd.grad(expected, list(trainable.values()), cotangent)
+    assert len(trainable) > 2
+    for name, grad, reference in zip(trainable, got, want, strict=True):
+        assert torch.equal(grad, reference), name
+    assert not any(name.startswith(("MaskedScatter", "MaskedSelect", "Nonzero")) for name in
+                   autograd_node_names(encoded.inputs_embeds))

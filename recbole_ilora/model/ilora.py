@@ -198,7 +198,8 @@ class iLoRA(SequentialRecommender):
                     rows = flat // placeholders.shape[1]
                     vectors = torch.where((items == USER)[:, None], user_repr[rows], vectors)
             behaviour = self.adapter.projector(vectors.float()).to(embeddings.dtype)
-            embeddings = embeddings.masked_scatter(placeholders[..., None], behaviour)
+            # Written at the known flat indices: masked_scatter's backward (masked_select) would wait for the device.
+            embeddings = embeddings.reshape(-1, embeddings.shape[-1]).index_copy(0, flat, behaviour).view_as(embeddings)
         return EncodedPrompts(prompts, embeddings, user_repr if gated else None)
 
     def _encode_candidate_groups(self, interaction):
