@@ -10,7 +10,10 @@ gate, projector) plus config, optimizer and scheduler state -- a few MB instead 
 ``eval_generate`` adds the authors' generation protocol to evaluation.
 
 Optimiser steps are counted in ``global_step`` (the curriculum's progress and the schedule);
-RecBole's ``cur_step`` keeps its meaning, validations without improvement (early stopping).
+RecBole's ``cur_step`` keeps its meaning, validations without improvement (early stopping). The training
+loss is summed on the device and read (checked finite, shown in the progress bar) only every
+``log_every_steps`` optimiser steps, before each resume checkpoint and at the epoch's end, so that the host
+does not wait for the device on every micro-batch.
 
 Exact resume: every ``checkpoint_every_steps`` optimiser steps and at the end of each epoch's
 training, ``<saved_model_file>.resume`` is written atomically with the trainable tensors, optimizer,
@@ -87,6 +90,40 @@ def resume_command(resume_file: str) -> str:
     return f"the same run with the setting resume={resume_file!r}"
 
 
+class EpochLoss:
+    """The training loss of an epoch, summed on the device and read on the host only when asked.
+
+    ``loss.item()`` on every micro-batch would make the host wait for the device each time. The sum is
+    float64 (where the device has it), so it is the same number as a Python float sum of the micro-batch
+    losses. Each :meth:`read` checks it: once a loss is not finite the sum stays so, so the first read after
+    it names the optimiser steps in which it happened.
+    """
+
+    def __init__(self, loss_sum: float, device, step: int):
+        dtype = torch.float32 if torch.device(device).type == "mps" else torch.float64
+        self.total = torch.tensor(loss_sum, dtype=dtype, device=device)
+        self.read_sum, self.read_step = loss_sum, step  # at the last read
+        self.unread = 0  # micro-batches added since then
+        self.window_mean = None  # mean loss of the micro-batches between the last two reads
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.total += loss.detach()
+        self.unread += 1
+
+    def read(self, epoch: int, step: int) -> float:
+        """The sum so far, after optimiser step ``step``; FloatingPointError if it is not finite."""
+        total = self.total.item()
+        if not math.isfinite(total):
+            raise FloatingPointError(
+                f"Training loss is {total} between optimiser steps {self.read_step + 1} and {step} of epoch {epoch}: "
+                f"lower learning_rate or check the data."
+            )
+        if self.unread:
+            self.window_mean = (total - self.read_sum) / self.unread
+        self.read_sum, self.read_step, self.unread = total, step, 0
+        return total
+
+
 class iLoRATrainer(Trainer):
     # Read by recbole_ilora.distributed.ddp: the model's calculate_loss is what DDP runs as forward.
     ddp_forward_is_calculate_loss = True
@@ -99,6 +136,7 @@ class iLoRATrainer(Trainer):
         self.total_steps = None
         self.global_step = 0  # optimiser steps; RecBole's cur_step counts validations without improvement
         self.checkpoint_every_steps = int(config["checkpoint_every_steps"] or 0)
+        self.log_every_steps = int(config["log_every_steps"])  # optimiser steps between host reads of the loss
         self._resume_state = None  # set by resume_checkpoint, consumed by fit and the first epoch
         self._saving = False  # fit(saved=True) turns resume checkpoints on
         self._stop_requested = False
@@ -193,13 +231,13 @@ class iLoRATrainer(Trainer):
         self._epoch_loader_rng = generator.get_state() if generator is not None else None
         set_sampler_epoch(train_data, epoch_idx)  # distributed: a new shard order every epoch
         done = resume["position"] if resume is not None else 0
-        total_loss = resume["loss_sum"] if resume is not None else 0.0
+        epoch_loss = EpochLoss(resume["loss_sum"] if resume is not None else 0.0, self.device, self.global_step)
         batches = iter(itertools.islice(train_data, num_batches))
         for _ in itertools.islice(batches, done):
             pass  # resuming: the batches done before the interruption are loaded again, not trained on
         if resume is not None:
             set_rng_states(resume["rng"][get_rank()])
-        self._step_boundary(epoch_idx, done, num_batches, total_loss, checkpoint_due=False)
+        self._step_boundary(epoch_idx, done, num_batches, epoch_loss, checkpoint_due=False)
         batches = tqdm(batches, initial=done, total=num_batches, ncols=100, desc=set_color(f"Train {epoch_idx:>5}", "pink"),
                        disable=not show_progress)
         max_norm = self.config["max_grad_norm"]
@@ -216,13 +254,8 @@ class iLoRATrainer(Trainer):
             # micro-batch that ends an accumulation window only (no_sync on the others).
             with gradient_sync(self, step_now):
                 loss = training_loss(self, interaction)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(
-                        f"Training loss is {loss.item()} at epoch {epoch_idx}, batch {batch_idx}: lower learning_rate "
-                        f"or check the data."
-                    )
                 (loss / window_size).backward()
-            total_loss += loss.item()
+            epoch_loss.add(loss)  # checked when read: no wait for the device here
             if step_now:
                 if max_norm:
                     torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]], max_norm)
@@ -232,9 +265,11 @@ class iLoRATrainer(Trainer):
                 self.global_step += 1
                 every = self.checkpoint_every_steps
                 due = last_batch or bool(every and self.global_step % every == 0)
-                self._step_boundary(epoch_idx, batch_idx + 1, num_batches, total_loss, checkpoint_due=due)
-            if show_progress:
-                batches.set_postfix(loss=f"{loss.item():.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
+                read = self._step_boundary(epoch_idx, batch_idx + 1, num_batches, epoch_loss, checkpoint_due=due,
+                                           read_due=self.global_step % self.log_every_steps == 0)
+                if read and show_progress and epoch_loss.window_mean is not None:
+                    batches.set_postfix(loss=f"{epoch_loss.window_mean:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
+        total_loss = epoch_loss.read(epoch_idx, self.global_step)
         return mean_across_ranks(total_loss / max(1, num_batches))  # distributed: all ranks' mean
 
     # ---------------------------------------------------------------------------- interruption
@@ -249,13 +284,18 @@ class iLoRATrainer(Trainer):
 
         return two_stage_interrupt(request_stop)
 
-    def _step_boundary(self, epoch, position, num_batches, loss_sum, checkpoint_due: bool):
-        """After ``position`` batches of ``epoch``: write the resume checkpoint when due or asked to stop; stop."""
+    def _step_boundary(self, epoch, position, num_batches, epoch_loss: EpochLoss, checkpoint_due: bool,
+                       read_due: bool = False) -> bool:
+        """After ``position`` batches of ``epoch``: read the loss when due, write the resume checkpoint when due or
+        asked to stop; stop. Returns whether the loss was read."""
         stop = any_rank(self._stop_requested)  # distributed: every rank stops at the same step
-        if checkpoint_due or stop:
-            self._save_resume_checkpoint(epoch, position, num_batches, loss_sum)
+        save = checkpoint_due or stop
+        if save or read_due:
+            epoch_loss.read(epoch, self.global_step)  # raises on a non-finite loss: its weights are never saved
+        if save:
+            self._save_resume_checkpoint(epoch, position, num_batches, epoch_loss.read_sum)
         if not stop:
-            return
+            return save or read_due
         where = f"epoch {epoch}, batch {position} of {num_batches}, optimiser step {self.global_step}"
         if not self._saving:
             raise TrainingInterrupted(f"Training stopped at {where}; no resume checkpoint (checkpoints are off).")

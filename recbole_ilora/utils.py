@@ -25,7 +25,7 @@ PLUGIN_MODEL_PACKAGE = "recbole_ilora.model"
 # line: what each process of a run derives from how it was started (its rank, device, rendezvous).
 NON_RESULT_KEYS = frozenset(
     {"show_progress", "state", "checkpoint_dir", "output_root", "gpu_id", "use_gpu", "worker", "log_wandb",
-     "resume", "checkpoint_every_steps", "learning_curve", "allow_slow_cpu_run",
+     "resume", "checkpoint_every_steps", "log_every_steps", "learning_curve", "allow_slow_cpu_run",
      "local_rank", "device", "ip", "port", "offset", "group_offset", "ddp_init_method"}
 )
 

@@ -7,6 +7,7 @@ scripted, so which epoch improves is known and the patience arithmetic can be ch
 from __future__ import annotations
 
 import inspect
+import math
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ from recbole.utils import init_seed
 from recbole_ilora.config import Config, ConfigError
 from recbole_ilora.pipeline import build_model
 from recbole_ilora.quick_start import run_recbole_ilora
-from recbole_ilora.trainer import iLoRATrainer, rng_states, set_rng_states
+from recbole_ilora.trainer import EpochLoss, iLoRATrainer, rng_states, set_rng_states
 from tests.helpers import TINY_LLM
 
 EPOCHS, BATCHES = 4, 3
@@ -141,6 +142,87 @@ def test_a_short_last_accumulation_window_steps_on_the_mean_loss_of_its_own_micr
         for name, grad in grads.items():
             torch.testing.assert_close(grad, expected[name], msg=name)
 
+
+
+class LossRecordingTrainer(iLoRATrainer):
+    """Records every micro-batch loss as the host would read it at once (the old loop's Python float sum)."""
+
+    def __init__(self, config, model):
+        super().__init__(config, model)
+        self.losses, calculate_loss = [], model.calculate_loss
+
+        def recording_loss(interaction):
+            loss = calculate_loss(interaction)
+            self.losses.append(loss.item())
+            return loss
+
+        model.calculate_loss = recording_loss
+
+
+def test_reading_the_loss_every_step_or_rarely_trains_the_same_weights_and_epoch_losses(data):
+    loader_rng = data[1].generator.get_state()
+
+    def run(log_every_steps):
+        data[1].generator.set_state(loader_rng)  # the same batch order in both runs
+        return scripted_run(data, [0.1, 0.2], trainer_class=LossRecordingTrainer, epochs=2,
+                            log_every_steps=log_every_steps)[0]
+
+    often, rarely = run(1), run(1000)
+    assert often.train_loss_dict == rarely.train_loss_dict
+    for epoch, loss in often.train_loss_dict.items():  # the same number as a Python float sum of the losses
+        assert loss == sum(often.losses[epoch * BATCHES:(epoch + 1) * BATCHES]) / BATCHES
+    weights = rarely.model.trainable_state_dict()
+    for name, tensor in often.model.trainable_state_dict().items():
+        assert torch.equal(tensor, weights[name]), name
+
+
+def test_the_loss_is_read_every_log_every_steps_before_each_resume_checkpoint_and_at_epoch_ends(data, tmp_path,
+                                                                                                   monkeypatch):
+    read_at, read = [], EpochLoss.read
+
+    def recording_read(self, epoch, step):
+        if self.unread:  # micro-batch losses not yet seen by the host: this read waits for the device
+            read_at.append((epoch, step))
+        return read(self, epoch, step)
+
+    monkeypatch.setattr(EpochLoss, "read", recording_read)
+    scripted_run(data, [0.1, 0.2], saved=True, epochs=2, limit_train_batches=6, log_every_steps=3,
+                 checkpoint_every_steps=4, checkpoint_dir=str(tmp_path))
+    # 6 optimiser steps per epoch: reads at steps 3, 6, 9, 12; checkpoints at 4, 8 and each epoch's end.
+    assert read_at == [(0, 3), (0, 4), (0, 6), (1, 8), (1, 9), (1, 12)]
+
+
+def test_a_non_finite_loss_stops_at_the_next_read_naming_its_steps_and_is_never_checkpointed(data, tmp_path):
+    written = []
+
+    class NanTrainer(iLoRATrainer):
+        def __init__(self, config, model):
+            super().__init__(config, model)
+            calls, calculate_loss = [], model.calculate_loss
+
+            def nan_in_optimiser_step_5(interaction):
+                calls.append(None)
+                loss = calculate_loss(interaction)
+                return loss * float("nan") if len(calls) == 5 else loss
+
+            model.calculate_loss = nan_in_optimiser_step_5
+
+        def _save_resume_checkpoint(self, epoch, position, num_batches, loss_sum):
+            super()._save_resume_checkpoint(epoch, position, num_batches, loss_sum)
+            written.append(position)
+
+    # Reads at optimiser steps 3 (log), 4 (resume checkpoint), 6 (log, epoch end); the nan is in step 5.
+    with pytest.raises(FloatingPointError) as raised:
+        scripted_run(data, [0.1], saved=True, trainer_class=NanTrainer, epochs=1, limit_train_batches=6,
+                     log_every_steps=3, checkpoint_every_steps=4, checkpoint_dir=str(tmp_path))
+    assert str(raised.value) == ("Training loss is nan between optimiser steps 5 and 6 of epoch 0: lower learning_rate "
+                                 "or check the data.")
+    # The end-of-epoch checkpoint after the nan was not written: the resume file is the one of step 4, finite.
+    assert written == [4]
+    (resume_file,) = tmp_path.glob("*.resume")
+    state = iLoRATrainer.load_checkpoint(resume_file)
+    assert (state["position"], state["global_step"]) == (4, 4) and math.isfinite(state["loss_sum"])
+    assert all(torch.isfinite(tensor).all() for tensor in state["state_dict"].values())
 
 @pytest.fixture(scope="module")
 def model(data):
