@@ -255,7 +255,7 @@ def fit_batch_sizes_to_device(config, model, train_data, test_data, keys: tuple[
             config["eval_batch_size"] = users * (1 if _ranks_everything(test_data) else _rows_per_user(test_data))
     logger.info(
         f"Batch sizes for the device ({', '.join(keys)}: auto; {origin}): {config['train_batch_size']} prompts x "
-        f"{config['gradient_accumulation_steps']} micro-batches per optimiser step (training peak "
+        f"{config['gradient_accumulation_steps']} micro-batch(es) per optimiser step (training peak "
         f"{_gib(fitted.train_peak_gib)}), evaluation batches of {config['eval_batch_size']} rows (peak "
         f"{_gib(fitted.eval_peak_gib)}); budget {fitted.budget_gib:.1f} GiB")
     return before != {name: config[name] for name in AUTO_KEYS}
