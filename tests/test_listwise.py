@@ -54,7 +54,7 @@ def test_listwise_loss_and_gradients_equal_the_naive_computation(tiny_setup, lm_
                                                               listwise_loss_weight=1.0)
     output = model.training_losses(interaction, candidates, template, with_behaviour=True)
     expected = naive_listwise_loss(model, interaction, candidates, template)
-    torch.testing.assert_close(output.listwise_loss, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(output.listwise_loss, expected, atol=1e-5, rtol=1e-6)  # fp32 sums of ~50 in another order
     packed, naive = trainable_gradients(model, output.listwise_loss), trainable_gradients(model, expected)
     assert any(".expert_gate." in n for n in packed) and any(".behaviour_projector." in n for n in packed)
     for name, gradient in packed.items():
@@ -89,8 +89,8 @@ def test_the_weights_combine_the_two_losses_linearly(tiny_setup):
     lm_only, listwise_only, both = losses(1.0, 0.0), losses(0.0, 1.0), losses(0.7, 0.3)
     assert listwise_only.lm_loss is None and listwise_only.logits is None  # the LM loss's forward is skipped
     torch.testing.assert_close(both.lm_loss, lm_only.lm_loss, atol=0, rtol=0)
-    torch.testing.assert_close(both.listwise_loss, listwise_only.listwise_loss, atol=1e-5, rtol=0)
-    torch.testing.assert_close(both.loss, 0.7 * lm_only.loss + 0.3 * listwise_only.loss, atol=1e-5, rtol=0)
+    torch.testing.assert_close(both.listwise_loss, listwise_only.listwise_loss, atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(both.loss, 0.7 * lm_only.loss + 0.3 * listwise_only.loss, atol=1e-5, rtol=1e-6)
     assert listwise_only.loss > 0 and torch.equal(listwise_only.loss, listwise_only.listwise_loss)
 
 
