@@ -33,7 +33,7 @@ AUTO = "auto"
 AUTO_KEYS = ("train_batch_size", "gradient_accumulation_steps", "eval_batch_size")
 TRAIN_SIZES = (128, 64, 32, 16)  # prompts per micro-batch, tried largest first
 EVAL_USERS = (256, 128, 64, 32, 16)  # users per evaluation batch
-CPU_TRAIN_SIZE, CPU_EVAL_ROWS = 16, 320
+CPU_EVAL_ROWS = 320
 MEMORY_SHARE = 0.8  # of the GPU's memory: headroom for prompts longer than the probe's and for the allocator
 CACHE_FILE = "batch-sizes.json"
 # What a step's memory depends on (besides the GPU): the cache key.
@@ -47,9 +47,12 @@ def auto_keys(config) -> tuple[str, ...]:
     return tuple(key for key in AUTO_KEYS if config[key] == AUTO)
 
 
-def _train_sizes(effective: int, source: str) -> tuple[int, ...]:
+def _train_sizes(config) -> tuple[int, ...]:
+    """The micro-batches of ``TRAIN_SIZES`` that divide ``effective_batch_size``, largest first."""
+    effective = int(config["effective_batch_size"])
     sizes = tuple(size for size in TRAIN_SIZES if size <= effective and effective % size == 0)
     if not sizes:
+        source = config._source.get("effective_batch_size", "default") if hasattr(config, "_source") else "default"
         raise SettingError(f"Setting effective_batch_size={effective!r} ({source}) is not a multiple of "
                            f"{min(TRAIN_SIZES)}, which train_batch_size: auto needs (micro-batches of "
                            f"{', '.join(map(str, TRAIN_SIZES))}). Use e.g. 128, or give train_batch_size explicitly.")
@@ -70,12 +73,11 @@ def provisional_batch_sizes(config) -> tuple[str, ...]:
     keys = auto_keys(config)
     if not keys:
         return keys
-    effective = int(config["effective_batch_size"])
-    source = config._source.get("effective_batch_size", "default") if hasattr(config, "_source") else "default"
     if "train_batch_size" in keys:
-        config["train_batch_size"] = min(CPU_TRAIN_SIZE, _train_sizes(effective, source)[-1])
+        config["train_batch_size"] = _train_sizes(config)[-1]  # the smallest: 16
     if "gradient_accumulation_steps" in keys:
-        config["gradient_accumulation_steps"] = accumulation_for(effective, config["train_batch_size"])
+        config["gradient_accumulation_steps"] = accumulation_for(int(config["effective_batch_size"]),
+                                                                 config["train_batch_size"])
     if "eval_batch_size" in keys:
         config["eval_batch_size"] = CPU_EVAL_ROWS
     return keys
@@ -143,10 +145,11 @@ def _evaluation_rows(test_data, users: int):
     from recbole.data.interaction import cat_interactions
 
     uid = test_data._dataset.uid_field
-    parts = []
-    for batch in test_data:
+    parts, seen = [], 0
+    for batch in test_data:  # a batch holds whole users
         parts.append(batch[0] if isinstance(batch, tuple) else batch)
-        if len(torch.unique(torch.cat([part[uid] for part in parts]))) >= users:
+        seen += len(torch.unique(parts[-1][uid]))
+        if seen >= users:
             break
     rows = cat_interactions(parts)
     keep = torch.isin(rows[uid], torch.unique(rows[uid])[:users])
@@ -218,8 +221,7 @@ def fit_batch_sizes_to_device(config, model, train_data, test_data, keys: tuple[
     logger = getLogger()
     world = get_world_size()
     effective = int(config["effective_batch_size"])
-    source = config._source.get("effective_batch_size", "default") if hasattr(config, "_source") else "default"
-    train_sizes = tuple(s for s in _train_sizes(effective, source) if s * world <= effective) or (min(TRAIN_SIZES),)
+    train_sizes = tuple(s for s in _train_sizes(config) if s * world <= effective) or (min(TRAIN_SIZES),)
     key = {**_cache_key(config, memory), "probed": sorted(set(keys) - {"gradient_accumulation_steps"})}
     cache_path = Path(config["checkpoint_dir"]) / CACHE_FILE
     cached = _read_cache(cache_path).get(fingerprint(key))
