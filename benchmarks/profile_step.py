@@ -23,7 +23,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from throughput import build, eval_batches, first_batches, model_step, parse_args, setup, user_rows  # noqa: E402
+from throughput import apply_torch_config, build, eval_batches, first_batches, model_step, parse_args, setup, user_rows  # noqa: E402
 
 # Operators that make the host wait for the device (on GPU): scalar reads (.item(), int(), bool()) and
 # data-dependent output sizes (boolean-mask indexing, nonzero). On GPU, the CUDA runtime's
@@ -80,6 +80,7 @@ def main(argv=None):
     parser.add_argument("--model", default="iLoRA", help="iLoRA, LLaRA or TALLRec")
     own, rest = parser.parse_known_args(argv)
     args = parse_args(rest)
+    apply_torch_config(args.torch_config)
     overrides, config, train, test = setup(args)
     device = torch.device(config["device"])
     model = build(own.model, overrides, args, train, compiled=args.compile == "only")

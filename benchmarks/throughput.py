@@ -84,8 +84,25 @@ def parse_args(argv=None):
                         help="activation checkpointing of the decoder layers in the train section")
     parser.add_argument("--settings", type=json.loads, default={},
                         help='JSON of model settings for every variant, e.g. \'{"lora_dropout": 0.0}\'')
+    parser.add_argument("--torch_config", type=json.loads, default={},
+                        help='JSON of torch compiler settings set before anything compiles, keyed by torch._inductor or '
+                             'torch._functorch config name, e.g. \'{"inductor.fallback_random": true}\'')
     parser.add_argument("--out", default="outputs/results/benchmark.json")
     return parser.parse_args(argv)
+
+
+def apply_torch_config(settings: dict) -> None:
+    """Set ``torch._inductor.config`` / ``torch._functorch.config`` entries (``{"inductor.name": value}``)."""
+    import torch._functorch.config
+    import torch._inductor.config
+
+    modules = {"inductor": torch._inductor.config, "functorch": torch._functorch.config}
+    for key, value in settings.items():
+        prefix, _, name = key.partition(".")
+        if prefix not in modules or not hasattr(modules[prefix], name):
+            raise SystemExit(f"--torch_config: {key!r} is not a torch._inductor or torch._functorch config entry "
+                             f"(write it as inductor.<name> or functorch.<name>).")
+        setattr(modules[prefix], name, value)
 
 
 # Architectures to simulate with random weights: the paper's LLM, from its published config.
@@ -425,6 +442,7 @@ def bench_memory(overrides, args, train, device):
 
 def main(argv=None):
     args = parse_args(argv)
+    apply_torch_config(args.torch_config)
     sections = args.sections.split(",")
     overrides, config, train, test = setup(args)
     device = torch.device(config["device"])
