@@ -8,7 +8,7 @@ many of them one forward/backward pass holds.
 - On a GPU those values are provisional. Once the model is built, :func:`fit_batch_sizes_to_device` probes
   the largest training micro-batch of 128, 64, 32, 16 whose forward and backward pass over the training
   set's longest prompts peaks within ``MEMORY_SHARE`` of the GPU's memory, derives the accumulation that keeps
-  the effective batch, and likewise the largest evaluation batch of 256, 128, ... users that scores within
+  the effective batch, and likewise the largest evaluation batch of 1024, 512, ... users that scores within
   it. A micro-batch of 128 runs each sample about 3x faster than 16 x 8 on an H200. The choice is logged and
   cached per GPU, memory and model shape in ``<checkpoint_dir>/batch-sizes.json``: probed once, and the same
   command picks the same sizes again. The probe changes no weight and draws no random number the run sees.
@@ -32,7 +32,9 @@ from recbole_ilora.utils import atomic_path, fingerprint, isolated_rng
 AUTO = "auto"
 AUTO_KEYS = ("train_batch_size", "gradient_accumulation_steps", "eval_batch_size")
 TRAIN_SIZES = (128, 64, 32, 16)  # prompts per micro-batch, tried largest first
-EVAL_USERS = (256, 128, 64, 32, 16)  # users per evaluation batch
+# Users per evaluation batch. Larger batches pay on a GPU: each batch waits for the device a few times (candidate
+# groups, pack widths, RecBole's collection), so fewer batches keep it busier.
+EVAL_USERS = (1024, 512, 256, 128, 64, 32, 16)
 CPU_EVAL_ROWS = 320
 MEMORY_SHARE = 0.8  # of the GPU's memory: headroom for prompts longer than the probe's and for the allocator
 CACHE_FILE = "batch-sizes.json"
@@ -222,7 +224,8 @@ def fit_batch_sizes_to_device(config, model, train_data, test_data, keys: tuple[
     world = get_world_size()
     effective = int(config["effective_batch_size"])
     train_sizes = tuple(s for s in _train_sizes(config) if s * world <= effective) or (min(TRAIN_SIZES),)
-    key = {**_cache_key(config, memory), "probed": sorted(set(keys) - {"gradient_accumulation_steps"})}
+    key = {**_cache_key(config, memory), "probed": sorted(set(keys) - {"gradient_accumulation_steps"}),
+           "tried": {"train": list(train_sizes), "eval_users": list(EVAL_USERS)}}  # other candidates: probe again
     cache_path = Path(config["checkpoint_dir"]) / CACHE_FILE
     cached = _read_cache(cache_path).get(fingerprint(key))
     if cached is not None:
