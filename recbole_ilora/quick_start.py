@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from contextlib import nullcontext
 from logging import getLogger
 
 import torch
@@ -26,6 +27,7 @@ from recbole_ilora.interrupt import TrainingInterrupted
 from recbole_ilora.outputs import dataset_summary, init_logger, resolve_checkpoint_dir, show_progress_bars
 from recbole_ilora.pipeline import build_model
 from recbole_ilora.projection import check_cpu_run, recheck_after_first_step
+from recbole_ilora.score_fusion import LLMScoreReplay, choose_fusion_weight, scoring_with, without_generation
 from recbole_ilora.settings import check_run_environment
 from recbole_ilora.trainer import get_trainer, resume_training
 from recbole_ilora.utils import is_plugin_model, isolated_rng
@@ -61,7 +63,9 @@ def run_recbole_ilora(
     Returns RecBole's dict (``best_valid_score``, ``valid_score_bigger``, ``best_valid_result``,
     ``test_result``, metrics as plain floats) plus ``test_per_user`` (per-user metric vectors on the test
     set), ``num_trainable_parameters``, ``train_time_s``, ``eval_time_s``, ``peak_memory_gib`` (None on
-    CPU), ``device`` and ``log_file``.
+    CPU), ``device`` and ``log_file``. With ``score_fusion`` (plugin models), ``score_fusion`` too: the SASRec
+    ``weight`` chosen on validation, ``valid_by_weight`` (the valid metric at every weight), and the fused
+    ``best_valid_result``, ``test_result``, ``test_per_user`` and ``eval_time_s``; the plain results stay the LLM's.
     """
     config = Config(model=model, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict)
     if config["eval_checkpoint"]:
@@ -149,11 +153,37 @@ def _train_and_test(config, saved):
         )
     train_time = time.perf_counter() - start
 
+    load_best_model = saved or model_file is not None
+    fusion = bool(config["score_fusion"]) and is_plugin_model(config["model"]) and bool(valid_data)
+    if config["score_fusion"] and not fusion:
+        logger.warning("score_fusion: skipped (it needs a plugin LLM model and validation data to choose its weight).")
+    if fusion:
+        fusion_start = time.perf_counter()
+        fusion_weight, valid_by_weight, fused_valid_result = choose_fusion_weight(
+            trainer, valid_data, config["score_fusion_weights"], load_best_model, model_file, progress)
+        fusion_time = time.perf_counter() - fusion_start
+    # The plain test records the LLM's scores, which the fused test then replays: the LLM scores the test set once.
+    test_replay = LLMScoreReplay() if fusion else None
     start = time.perf_counter()
-    test_result = trainer.evaluate(test_data, load_best_model=saved or model_file is not None, model_file=model_file,
-                                   show_progress=progress)
+    with scoring_with(model, None, test_replay) if fusion else nullcontext():
+        test_result = trainer.evaluate(test_data, load_best_model=load_best_model, model_file=model_file,
+                                       show_progress=progress)
     eval_time = time.perf_counter() - start
     test_per_user = per_user_metrics(config, trainer.evaluator.last_struct)
+    if fusion:
+        fusion_start = time.perf_counter()
+        test_replay.rewind()
+        with without_generation(trainer), scoring_with(model, fusion_weight, test_replay):
+            fused_test_result = plain(trainer.evaluate(test_data, load_best_model=False, show_progress=progress))
+        score_fusion = {
+            "weight": fusion_weight,
+            "valid_by_weight": valid_by_weight,
+            "best_valid_result": plain(fused_valid_result),
+            "test_result": fused_test_result,
+            "test_per_user": per_user_metrics(config, trainer.evaluator.last_struct),
+            "eval_time_s": fusion_time + time.perf_counter() - fusion_start,
+        }
+        logger.info(set_color("test result with SASRec fusion", "yellow") + f" (weight {fusion_weight:g}): {fused_test_result}")
 
     logger.debug("The running environment of this training is as follows:\n" + get_environment(config).draw())
     best_valid_result, test_result = plain(best_valid_result), plain(test_result)
@@ -174,6 +204,8 @@ def _train_and_test(config, saved):
         "device": str(config["device"]),
         "learning_curve": curve,
     }
+    if fusion:
+        result["score_fusion"] = score_fusion
     if not config["single_spec"]:
         torch.distributed.destroy_process_group()
     return result

@@ -277,10 +277,28 @@ def check_settings(settings: dict, sources: dict, defaults: dict | None = None, 
                       f"and listwise_loss_weight={settings['listwise_loss_weight']!r} ({where('listwise_loss_weight')}) "
                       "leave no training loss", "Give one a positive weight, e.g. --lm_loss_weight=1.0 (the paper's LM "
                       "loss, the default).")
+    _check_score_fusion_weights(settings, where)
+    if settings.get("score_fusion") and settings.get("fixed_eval_negatives") is False:
+        raise _refuse("score_fusion", True, where("score_fusion"), f"contradicts fixed_eval_negatives=False "
+                      f"({where('fixed_eval_negatives')}): its weights are compared on the same candidates, whose LLM "
+                      "scores are computed once and replayed", "Drop fixed_eval_negatives=False, or score_fusion.")
     if settings.get("resume") and settings.get("eval_checkpoint"):
         raise _refuse("eval_checkpoint", settings["eval_checkpoint"], where("eval_checkpoint"),
                       f"and resume={settings['resume']!r} ({where('resume')}) contradict each other (evaluating a "
                       "trained model vs continuing its training)", "Give one of them.")
+
+
+def _check_score_fusion_weights(settings: dict, where) -> None:
+    """``score_fusion_weights`` is a list of numbers >= 0 (the type check above lets a string through, as a list)."""
+    weights = settings.get("score_fusion_weights")
+    if weights is None:
+        return
+    weights_given = weights if isinstance(weights, list) else [weights]
+    bad = [w for w in weights_given if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 <= w < float("inf")]
+    if bad:
+        raise _refuse("score_fusion_weights", weights, where("score_fusion_weights"), f"holds {bad[0]!r}: every weight "
+                      "(lambda, SASRec's share of the fused score) must be a finite number >= 0",
+                      "E.g. --score_fusion_weights=\"[0.0,0.25,0.5,1.0,2.0,4.0]\", the default (0: the LLM alone).")
 
 
 def _check_auto_sizes(settings: dict, where) -> None:

@@ -696,3 +696,40 @@ def test_cli_jobs_runs_shard_processes_into_one_results_file(tmp_path, ml100k_sl
     logs = [(tmp_path / "board" / f"shard-{i}.log").read_text() for i in range(2)]
     assert "shard 0/2" in logs[0] and "shard 1/2" in logs[1]
     assert outcome["exports"]["markdown"].is_file()
+
+
+def fake_runner_with_fusion(**kwargs):
+    """iLoRA's results with a score_fusion section: its fused vectors are LLaRA-like (other numbers than the plain)."""
+    result = fake_result(kwargs["model"], kwargs["config_dict"]["seed"])
+    if kwargs["model"] == "iLoRA":
+        fused = fake_result("LLaRA", kwargs["config_dict"]["seed"] + 10)
+        result["score_fusion"] = {"weight": 0.5, "valid_by_weight": {0.0: 0.1, 0.5: 0.2},
+                                  "best_valid_result": {"ndcg@5": 0.2}, "test_result": fused["test_result"],
+                                  "test_per_user": fused["test_per_user"], "eval_time_s": 0.25}
+    return result
+
+
+def test_a_score_fusion_section_adds_a_derived_row_after_its_model(tmp_path, ml100k_slice):
+    spec = fake_spec(tmp_path, ["SASRec", "iLoRA", "LLaRA"], ml100k_slice)
+    spec.proposed = "iLoRA"
+    run = run_grid(spec, runner=CountingRunner(fake_runner_with_fusion))
+    records = run.store.load()
+    board = build_leaderboard(spec, records)
+    assert board.models == ["SASRec", "iLoRA", "iLoRA + SASRec fusion", "LLaRA"]
+    assert "iLoRA + SASRec fusion" in board.llm_models  # not a classical model
+    stored = {r["seed"]: r for r in records if r["model"] == "iLoRA"}
+    for seed, record in stored.items():
+        assert record["score_fusion"]["valid_by_weight"] == [[0.0, 0.1], [0.5, 0.2]]  # JSON: pairs, not string keys
+    for label, key in (("HR@1", "hit@1"), ("NDCG@10", "ndcg@10")):
+        fused = np.mean([r["score_fusion"]["test_result"][key] for r in stored.values()])
+        plain = np.mean([r["test_result"][key] for r in stored.values()])
+        assert board.mean("iLoRA + SASRec fusion", "ml-100k-slice", label) == pytest.approx(fused)
+        assert board.mean("iLoRA", "ml-100k-slice", label) == pytest.approx(plain)  # never mixed with the fused
+    costs = board.costs.set_index("model")
+    assert costs.loc["iLoRA + SASRec fusion", "eval_time_s"] == 0.25 and costs.loc["iLoRA", "eval_time_s"] == 0.5
+    assert "iLoRA + SASRec fusion" in set(board.significance.model)  # tested against the proposed iLoRA
+    markdown_rows = [line.split("|")[1].strip() for line in to_markdown(board).splitlines() if line.startswith("|")]
+    assert markdown_rows.index("iLoRA + SASRec fusion") == markdown_rows.index("iLoRA") + 1
+    exported = json.loads(to_json(board))
+    assert "iLoRA + SASRec fusion" in exported["grid"]["models"]
+    assert "iLoRA + SASRec fusion" in export_tables(board, tmp_path / "exports")["markdown"].read_text()

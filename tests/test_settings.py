@@ -50,6 +50,12 @@ BAD_SETTINGS = [
                                                          "no training loss", "--lm_loss_weight=1.0"]),
     (["--lm_loss_weight=0"], ["lm_loss_weight=0", "listwise_loss_weight=0.0 (default)", "no training loss"]),
     (["--listwise_loss_weight=-1"], ["listwise_loss_weight=-1", "x >= 0"]),
+    (["--score_fusion_weights=[0,-1]"], ["score_fusion_weights=[0, -1]", "holds -1", "finite number >= 0"]),
+    (["--score_fusion_weights=[0,'a']"], ["holds 'a'", "--score_fusion_weights="]),
+    (["--score_fusion_weights=[]"], ["score_fusion_weights=[]", "must not be empty"]),
+    (["--score_fusion=True", "--fixed_eval_negatives=False"], ["score_fusion=True", "fixed_eval_negatives=False",
+                                                               "replayed"]),
+    (["--score_fusion=maybe"], ["'score_fusion'", "cannot be read as a bool"]),
 ]
 
 

@@ -105,7 +105,7 @@ def describe_protocol(cell: Cell, config_dict: dict) -> dict:
 
 
 def _result_fields(result: dict) -> dict:
-    return {
+    fields = {
         "test_result": {key: float(value) for key, value in result["test_result"].items()},
         "best_valid_result": {key: float(value) for key, value in (result["best_valid_result"] or {}).items()},
         "best_valid_score": _optional_float(result["best_valid_score"]),
@@ -117,6 +117,17 @@ def _result_fields(result: dict) -> dict:
         "peak_memory_gib": _optional_float(result["peak_memory_gib"]),
         "device": str(result["device"]),
     }
+    fusion = result.get("score_fusion")
+    if fusion:  # score_fusion runs: the fused results, a derived row of the table ("<model> + SASRec fusion")
+        fields["score_fusion"] = {
+            "weight": float(fusion["weight"]),
+            "valid_by_weight": [[float(weight), float(value)] for weight, value in fusion["valid_by_weight"].items()],
+            "best_valid_result": {key: float(value) for key, value in fusion["best_valid_result"].items()},
+            "test_result": {key: float(value) for key, value in fusion["test_result"].items()},
+            "test_per_user": {key: np.asarray(value, dtype=float).tolist() for key, value in fusion["test_per_user"].items()},
+            "eval_time_s": float(fusion["eval_time_s"]),
+        }
+    return fields
 
 
 def _optional_float(value):

@@ -8,7 +8,8 @@ test users (:mod:`recbole_ilora.leaderboard.significance`) finds the proposed mo
 and extra rows give the proposed model's relative improvement over the grid's ``baseline`` and over the
 best classical model of that column (classical: not one of this plugin's LLM-based models). Cost columns
 (trainable parameters, training and test wall time, peak GPU memory) follow each dataset's metrics.
-Cells that never finished are shown as "—" and listed under the table, never silently dropped.
+Cells that never finished are shown as "—" and listed under the table, never silently dropped. A model run with
+``score_fusion`` gets a derived row "<model> + SASRec fusion" right after its own (:func:`fusion_records`).
 
 :class:`Leaderboard` keeps the numbers; :func:`display_table` lays them out for one output style;
 :mod:`~recbole_ilora.leaderboard.exports` writes the files.
@@ -32,6 +33,7 @@ from recbole_ilora.leaderboard.spec import (
 from recbole_ilora.leaderboard.store import record_key
 from recbole_ilora.utils import is_plugin_model
 
+FUSION_SUFFIX = " + SASRec fusion"  # the derived row of a model run with score_fusion
 BEST_CLASSICAL = "best classical"  # the improvement row against the best classical model of each column
 DECIMALS = 4
 COST_COLUMNS = {
@@ -72,9 +74,12 @@ class Leaderboard:
 def build_leaderboard(spec: GridSpec, records: list[dict], cli_overrides=None, config_files=None) -> Leaderboard:
     """Aggregate the ``ok`` records of ``spec``'s cells (other configurations in ``records`` are ignored)."""
     selected, missing_cells = select_records(spec, records, cli_overrides, config_files)
+    fused = fusion_records(selected)
+    selected = selected + fused
+    models = with_fusion_rows(spec.models, {record["model"] for record in fused})
     metric_keys = {metric_label(metric_key(name)): metric_key(name) for name in spec.metrics}
     board = Leaderboard(
-        models=list(spec.models),
+        models=models,
         datasets=list(spec.datasets),
         metrics=list(metric_keys),
         seeds=list(spec.seeds),
@@ -87,13 +92,34 @@ def build_leaderboard(spec: GridSpec, records: list[dict], cli_overrides=None, c
         protocols=_distinct([record.get("protocol") for record in selected]),
         proposed=spec.proposed,
         baseline=spec.baseline,
-        llm_models=[model for model in spec.models if is_plugin_model(model)],
+        llm_models=[model for model in models if is_plugin_model(model.removesuffix(FUSION_SUFFIX))],
         tuning=_tuning(spec.choose(records, cli_overrides, config_files).trials),
         tuning_seeds=spec.tune.seeds if spec.tune else None,
     )
     board.significance = _significance(board, selected, metric_keys)
     board.improvements = _improvements(board)
     return board
+
+
+def fusion_records(records: list[dict]) -> list[dict]:
+    """A derived record "<model> + SASRec fusion" for every record that carries a ``score_fusion`` section: its fused
+    test results and per-user vectors, the same training and cost but the fusion's own evaluation time."""
+    derived = []
+    for record in records:
+        fusion = record.get("score_fusion")
+        if fusion:
+            derived.append({**record, "model": record["model"] + FUSION_SUFFIX, "test_result": fusion["test_result"],
+                            "test_per_user": fusion["test_per_user"], "best_valid_result": fusion["best_valid_result"],
+                            "eval_time_s": fusion["eval_time_s"], "score_fusion": None})
+    return derived
+
+
+def with_fusion_rows(models, fused_models: set[str]) -> list[str]:
+    """The grid's models, each followed by its fusion row where some record has one."""
+    rows = []
+    for model in models:
+        rows += [model] + ([model + FUSION_SUFFIX] if model + FUSION_SUFFIX in fused_models else [])
+    return rows
 
 
 def _summary(records: list[dict], metric_keys: dict[str, str]) -> pd.DataFrame:

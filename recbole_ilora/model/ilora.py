@@ -31,6 +31,10 @@ LLM-SRec, Kim et al. 2025, arXiv:2502.13909); the paper's LLM never sees ``z`` i
 evaluation's, ``score_aggregation`` of their title log-likelihoods, all packed after one copy of the prompt),
 cross-entropy on the target, alone (``lm_loss_weight: 0``) or added to the LM loss (in the spirit of S-DPO,
 Chen et al. 2024, arXiv:2406.09215, which contrasts the target with several negatives).
+``score_fusion`` ranks by log_softmax of the LLM's candidate scores + lambda x log_softmax of the frozen SASRec's
+(``z`` dotted with the item embedding, as RecBole's SASRec scores), lambda chosen on validation: a standard late-fusion
+ensemble of LLM and CF scores, ours (:mod:`recbole_ilora.score_fusion`). Scores are the LLM's alone unless the quick
+start sets ``score_fusion_weight``; the plain results stay the run's own.
 
 Hyper-parameters: ``properties/model/iLoRA.yaml`` (each key documented there).
 """
@@ -55,6 +59,7 @@ from recbole_ilora.llm import load_llm, resolve_dtype
 from recbole_ilora.prompt import (ANSWER, BEHAVIOUR, USER, EncodedPrompts, PromptBuilder, candidate_counts, load_templates,
                                   true_indices)
 from recbole_ilora.sampling import training_candidates
+from recbole_ilora.score_fusion import fuse_scores
 from recbole_ilora.scoring import PackedScorer, display_order, group_candidate_rows
 
 
@@ -114,11 +119,15 @@ class iLoRA(SequentialRecommender):
                                     pad_to_multiple_of=config["pad_to_multiple_of"])
         self.scorer = PackedScorer(self.adapter, self.prompt, config["score_pack_tokens"], config["score_aggregation"],
                                    config["ghost_token_threshold"])
+        # score_fusion (recbole_ilora.score_fusion), set by the quick start after training: the weight of SASRec's
+        # scores (None: the LLM's alone) and the replay of the LLM's scores across the passes that choose it.
+        self.score_fusion_weight = None
+        self.llm_score_replay = None
 
     @staticmethod
     def needs_gate_encoder(config) -> bool:
         """Whether the model reads the frozen SASRec (pretrained by the pipeline before the model is built)."""
-        return int(config["num_experts"]) > 1 or bool(config["use_behaviour_tokens"])
+        return int(config["num_experts"]) > 1 or bool(config["use_behaviour_tokens"]) or bool(config["score_fusion"])
 
     @property
     def adapter(self):
@@ -202,9 +211,10 @@ class iLoRA(SequentialRecommender):
             embeddings = embeddings.reshape(-1, embeddings.shape[-1]).index_copy(0, flat, behaviour).view_as(embeddings)
         return EncodedPrompts(prompts, embeddings, user_repr if gated else None)
 
-    def _encode_candidate_groups(self, interaction):
+    def _encode_candidate_groups(self, interaction, groups=None):
         """RecBole's uniN rows grouped per user, and one prompt per user listing its candidates in display order."""
-        groups = group_candidate_rows(interaction[self.USER_ID], interaction[self.ITEM_SEQ], interaction[self.ITEM_ID])
+        if groups is None:
+            groups = group_candidate_rows(interaction[self.USER_ID], interaction[self.ITEM_SEQ], interaction[self.ITEM_ID])
         users = interaction[self.USER_ID][groups.first_row]
         order = display_order(users, groups.items, groups.present, self.seed)
         shown, shown_present = torch.gather(groups.items, 1, order), torch.gather(groups.present, 1, order)
@@ -266,18 +276,48 @@ class iLoRA(SequentialRecommender):
 
     # ----------------------------------------------------------------------------------------- scoring
     def predict(self, interaction):
-        groups, encoded = self._encode_candidate_groups(interaction)
-        with self.autocast():
-            scores = self.scorer(encoded, groups.items, groups.present)
+        groups = group_candidate_rows(interaction[self.USER_ID], interaction[self.ITEM_SEQ], interaction[self.ITEM_ID])
+
+        def llm_scores():
+            _, encoded = self._encode_candidate_groups(interaction, groups)
+            with self.autocast():
+                return self.scorer(encoded, groups.items, groups.present)
+
+        scores = self._llm_scores(groups.items, llm_scores)
+        if self.score_fusion_weight is not None:
+            first = groups.first_row
+            sasrec = self.sasrec_scores(interaction[self.ITEM_SEQ][first], interaction[self.ITEM_SEQ_LEN][first], groups.items)
+            scores = fuse_scores(scores, sasrec, self.score_fusion_weight, groups.present)
         return scores[groups.row_group, groups.row_slot]
 
     def full_sort_predict(self, interaction):
-        encoded = self.encode(interaction)
-        batch = encoded.inputs_embeds.shape[0]
-        items = torch.arange(1, self.n_items, device=encoded.inputs_embeds.device).expand(batch, -1)
-        with self.autocast():
-            scores = self.scorer(encoded, items, torch.ones_like(items, dtype=torch.bool))
+        item_seq = interaction[self.ITEM_SEQ]
+        batch = item_seq.shape[0]
+        items = torch.arange(1, self.n_items, device=item_seq.device).expand(batch, -1)
+
+        def llm_scores():
+            encoded = self.encode(interaction)
+            with self.autocast():
+                return self.scorer(encoded, items, torch.ones_like(items, dtype=torch.bool))
+
+        scores = self._llm_scores(items, llm_scores)
+        if self.score_fusion_weight is not None:
+            sasrec = self.sasrec_scores(item_seq, interaction[self.ITEM_SEQ_LEN])
+            scores = fuse_scores(scores, sasrec, self.score_fusion_weight)
         return torch.cat([torch.full((batch, 1), float("-inf"), device=scores.device), scores], 1)
+
+    def _llm_scores(self, items, compute):
+        """``compute()``, the LLM's ``[B, M]`` scores of ``items``, or their replay while a weight is chosen."""
+        return compute() if self.llm_score_replay is None else self.llm_score_replay(items, compute)
+
+    @torch.no_grad()
+    def sasrec_scores(self, item_seq, item_seq_len, items=None) -> torch.Tensor:
+        """The frozen SASRec's scores as RecBole's SASRec computes them, ``z`` dotted with the item embeddings: ``[B, M]``
+        of ``items`` ``[B, M]``, or ``[B, n_items - 1]`` of every item but the padding id when None."""
+        user_repr = self.gate_encoder(item_seq, item_seq_len)
+        if items is None:
+            return user_repr @ self.gate_encoder.item_embedding.weight[1:].T
+        return torch.einsum("bd,bmd->bm", user_repr, self.gate_encoder.item_embedding(items))
 
     @torch.no_grad()
     def generate_answers(self, interaction, max_new_tokens: int | None = None) -> dict:
