@@ -50,6 +50,11 @@ BAD_SETTINGS = [
                                                          "no training loss", "--lm_loss_weight=1.0"]),
     (["--lm_loss_weight=0"], ["lm_loss_weight=0", "listwise_loss_weight=0.0 (default)", "no training loss"]),
     (["--listwise_loss_weight=-1"], ["listwise_loss_weight=-1", "x >= 0"]),
+    (["--distill_loss_weight=0.5"], ["distill_loss_weight=0.5", "needs user_token: true", "user_token=False (default)",
+                                     "--user_token=True"]),
+    (["--distill_loss_weight=0.5", "--user_token=True", "--lm_loss_weight=0", "--listwise_loss_weight=1"],
+     ["distill_loss_weight=0.5", "needs lm_loss_weight > 0", "lm_loss_weight=0 (--lm_loss_weight)"]),
+    (["--distill_loss_weight=-1"], ["distill_loss_weight=-1", "x >= 0"]),
 ]
 
 
