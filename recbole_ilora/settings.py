@@ -282,6 +282,8 @@ def check_settings(settings: dict, sources: dict, defaults: dict | None = None, 
         raise _refuse("score_fusion", True, where("score_fusion"), f"contradicts fixed_eval_negatives=False "
                       f"({where('fixed_eval_negatives')}): its weights are compared on the same candidates, whose LLM "
                       "scores are computed once and replayed", "Drop fixed_eval_negatives=False, or score_fusion.")
+    if settings.get("distill_loss_weight"):
+        _check_distillation(settings, where)
     if settings.get("resume") and settings.get("eval_checkpoint"):
         raise _refuse("eval_checkpoint", settings["eval_checkpoint"], where("eval_checkpoint"),
                       f"and resume={settings['resume']!r} ({where('resume')}) contradict each other (evaluating a "
@@ -299,6 +301,21 @@ def _check_score_fusion_weights(settings: dict, where) -> None:
         raise _refuse("score_fusion_weights", weights, where("score_fusion_weights"), f"holds {bad[0]!r}: every weight "
                       "(lambda, SASRec's share of the fused score) must be a finite number >= 0",
                       "E.g. --score_fusion_weights=\"[0.0,0.25,0.5,1.0,2.0,4.0]\", the default (0: the LLM alone).")
+
+
+def _check_distillation(settings: dict, where) -> None:
+    """The distillation loss reads the LM loss's hidden states at the user token: both must be there."""
+    weight = settings["distill_loss_weight"]
+    if not settings.get("user_token"):
+        raise _refuse("distill_loss_weight", weight, where("distill_loss_weight"),
+                      f"needs user_token: true, not user_token={settings.get('user_token')!r} ({where('user_token')}): "
+                      "the LLM's hidden state at the user token is what is distilled",
+                      "Set --user_token=True, or --distill_loss_weight=0.0 (off, the default).")
+    if not settings.get("lm_loss_weight"):
+        raise _refuse("distill_loss_weight", weight, where("distill_loss_weight"),
+                      f"needs lm_loss_weight > 0, not lm_loss_weight={settings.get('lm_loss_weight')!r} "
+                      f"({where('lm_loss_weight')}): the hidden states come from the LM loss's forward",
+                      "Give lm_loss_weight a positive weight (e.g. --lm_loss_weight=1.0), or --distill_loss_weight=0.0.")
 
 
 def _check_auto_sizes(settings: dict, where) -> None:

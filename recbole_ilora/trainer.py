@@ -181,6 +181,7 @@ class iLoRATrainer(Trainer):
             "lora": {"lr": lr, "weight_decay": 0.0},
             "gate": {"lr": lr * self.config["gate_lr_factor"], "weight_decay": decay},
             "projector": {"lr": lr, "weight_decay": decay},
+            "distill_head": {"lr": lr, "weight_decay": decay},  # ours (distill_loss_weight): treated as the projector
         }
         return [{"params": params, "name": name, **settings[name]} for name, params in groups.items() if params]
 

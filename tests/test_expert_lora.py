@@ -171,6 +171,7 @@ def test_save_pretrained_then_from_pretrained_restores_experts_and_gate(tmp_path
         ({"gate_temperature": 0.0}, "gate_temperature"),
         ({"lora_dropout": 1.0}, "lora_dropout"),
         ({"gate_input_size": None}, "gate_input_size"),
+        ({"distill_output_size": 0}, "distill_output_size must be positive"),
     ],
 )
 def test_settings_are_validated_once(changes, message):

@@ -1,4 +1,5 @@
-"""Settings of the expert LoRA method: a peft ``LoraConfig`` with the experts, the gate and the projector.
+"""Settings of the expert LoRA method: a peft ``LoraConfig`` with the experts, the gate, the projector and the
+optional distillation head.
 
 iLoRA splits a rank-``r`` LoRA pair into ``K`` experts of rank ``r/K`` -- rows of ``A``, columns of ``B``
 -- mixed per example: ``ΔW x = s · Σ_k w_k B_k A_k x`` with gate weights ``w = softmax(W z / T)``.
@@ -33,8 +34,9 @@ class ExpertLoraType(str, enum.Enum):
 @dataclass
 class ExpertLoraConfig(LoraConfig):
     """``LoraConfig`` (``r`` is the total rank) plus the mixture: ``num_experts`` experts of rank
-    ``r / num_experts``, a gate on ``gate_input_size``-wide inputs, and optionally a projector that maps
-    ``projector_input_size``-wide behaviour vectors into the LLM's input embeddings (LLaRA's hybrid prompt)."""
+    ``r / num_experts``, a gate on ``gate_input_size``-wide inputs, optionally a projector that maps
+    ``projector_input_size``-wide behaviour vectors into the LLM's input embeddings (LLaRA's hybrid prompt), and
+    optionally a head that maps the LLM's hidden states to ``distill_output_size`` (the user token's distillation)."""
 
     num_experts: int = field(default=4, metadata={"help": "K experts mixed per example; 1 is plain LoRA"})
     expert_scaling: str = field(default="per_expert", metadata={"help": "per_expert (authors) or peft"})
@@ -42,6 +44,10 @@ class ExpertLoraConfig(LoraConfig):
     gate_input_size: int | None = field(default=None, metadata={"help": "width of the gate input z (K > 1)"})
     projector_input_size: int | None = field(
         default=None, metadata={"help": "width of the behaviour vectors projected into the LLM; None: no projector"}
+    )
+    distill_output_size: int | None = field(
+        default=None, metadata={"help": "width of the representation the user token's hidden state is distilled "
+                                        "into; None: no distillation head"}
     )
 
     def __post_init__(self) -> None:
@@ -69,12 +75,14 @@ class ExpertLoraConfig(LoraConfig):
             raise ValueError(f"lora_dropout must lie in [0, 1), got {self.lora_dropout!r}.")
         if not self.target_modules:
             raise ValueError("lora_target_modules is empty: name the LLM's linear layers to adapt (e.g. q_proj, v_proj).")
+        if self.distill_output_size is not None and not self.distill_output_size > 0:
+            raise ValueError(f"distill_output_size must be positive (or None: no head), got {self.distill_output_size!r}.")
         if self.gated and not (self.gate_input_size or 0) > 0:
             raise ValueError(f"{self.num_experts} experts need a gate: set gate_input_size, the width of its input.")
 
     @classmethod
-    def from_config(cls, config, gate_input_size: int | None = None,
-                    projector_input_size: int | None = None) -> "ExpertLoraConfig":
+    def from_config(cls, config, gate_input_size: int | None = None, projector_input_size: int | None = None,
+                    distill_output_size: int | None = None) -> "ExpertLoraConfig":
         """From a RecBole config's ``lora_*``, ``num_experts``, ``expert_scaling`` and ``gate_temperature``."""
         return cls(
             r=int(config["lora_rank"]),
@@ -86,6 +94,7 @@ class ExpertLoraConfig(LoraConfig):
             gate_temperature=float(config["gate_temperature"]),
             gate_input_size=gate_input_size if int(config["num_experts"]) > 1 else None,
             projector_input_size=projector_input_size,
+            distill_output_size=distill_output_size,
             bias="none",
             task_type="CAUSAL_LM",
         )

@@ -1,12 +1,14 @@
-"""The expert LoRA tuner: peft's LoRA layers split into experts, the gate that mixes them per example, and
-the projector of behavioural tokens.
+"""The expert LoRA tuner: peft's LoRA layers split into experts, the gate that mixes them per example, the
+projector of behavioural tokens, and optionally the head of the user-representation distillation.
 
 :class:`ExpertLoraModel` is a peft tuner (a ``LoraModel``): ``get_peft_model(llm, ExpertLoraConfig(...))``
 injects stock peft LoRA layers of rank ``r`` and adds, as model-level containers keyed by the adapter
 name (saved and loaded by peft with the LoRA weights, as VeRA's shared matrices are):
 
 - ``expert_gate``: ``Linear(gate_input_size -> K, no bias)``; ``softmax(W z / T)`` are the expert weights;
-- ``behaviour_projector``: ``Linear -> GELU -> Linear`` from behaviour vectors to the LLM's input width.
+- ``behaviour_projector``: ``Linear -> GELU -> Linear`` from behaviour vectors to the LLM's input width;
+- ``user_distill_head`` (only with ``distill_output_size``): ``Linear -> GELU -> Linear`` from the LLM's hidden
+  width to SASRec's (the projector's mirror), for the distillation loss at the user token.
 
 The gate weights of one call are handed in with the call: ``forward(..., gate_input=z)``, or
 :meth:`ExpertLoraModel.decoder_kwargs` for a call of the decoder alone (:mod:`.layer` says how they reach
@@ -34,6 +36,11 @@ def behaviour_projector(input_size: int, hidden_size: int) -> nn.Module:
     return nn.Sequential(nn.Linear(input_size, hidden_size), nn.GELU(), nn.Linear(hidden_size, hidden_size))
 
 
+def user_distill_head(hidden_size: int, output_size: int) -> nn.Module:
+    """The projector's mirror: one hidden state of the LLM -> the width of SASRec's sequence representation."""
+    return nn.Sequential(nn.Linear(hidden_size, hidden_size), nn.GELU(), nn.Linear(hidden_size, output_size))
+
+
 class ExpertLoraModel(LoraModel):
     """peft tuner of :class:`~recbole_ilora.expert_lora.config.ExpertLoraConfig` (one adapter)."""
 
@@ -59,8 +66,11 @@ class ExpertLoraModel(LoraModel):
             if not lora_b:
                 raise ValueError("No LoRA layer found to route: check lora_target_modules against the LLM's module names.")
             self._routing_handles = attach_routing(model.get_decoder().layers, lora_b, self.routing)
+        if config.distill_output_size:  # last: the parts above draw the same initial values with or without it
+            self.user_distill_head = nn.ModuleDict({adapter_name: user_distill_head(hidden_size,
+                                                                                    config.distill_output_size)})
         device = model.get_input_embeddings().weight.device
-        for container in ("expert_gate", "behaviour_projector"):
+        for container in ("expert_gate", "behaviour_projector", "user_distill_head"):
             if hasattr(self, container):  # kept in fp32: small, and trained
                 getattr(self, container).to(device).requires_grad_(not config.inference_mode)
 
@@ -90,13 +100,20 @@ class ExpertLoraModel(LoraModel):
     def projector(self) -> nn.Module | None:
         return self.behaviour_projector[self.adapter_name] if self.settings.projector_input_size else None
 
+    @property
+    def distill_head(self) -> nn.Module | None:
+        return self.user_distill_head[self.adapter_name] if self.settings.distill_output_size else None
+
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Trainable parameters by role: ``lora`` (the experts), ``gate``, ``projector``."""
+        """Trainable parameters by role: ``lora`` (the experts), ``gate``, ``projector``, and ``distill_head``
+        where there is one."""
         groups = {"lora": [], "gate": [], "projector": []}
+        if self.settings.distill_output_size:
+            groups["distill_head"] = []
+        roles = {"expert_gate.": "gate", "behaviour_projector.": "projector", "user_distill_head.": "distill_head"}
         for name, parameter in self.named_parameters():
             if parameter.requires_grad:
-                role = "gate" if "expert_gate." in name else "projector" if "behaviour_projector." in name else "lora"
-                groups[role].append(parameter)
+                groups[next((role for part, role in roles.items() if part in name), "lora")].append(parameter)
         return groups
 
     # ------------------------------------------------------------------------------------ gate
@@ -104,6 +121,11 @@ class ExpertLoraModel(LoraModel):
         """``[B, K]`` mixture weights ``softmax(W z / T)``, in fp32."""
         with torch.autocast(gate_input.device.type, enabled=False):
             return torch.softmax(self.gate(gate_input.float()) / self.settings.gate_temperature, dim=-1)
+
+    def distilled_representation(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``[N, distill_output_size]``: the distillation head on ``[N, hidden]`` hidden states of the LLM, in fp32."""
+        with torch.autocast(hidden.device.type, enabled=False):
+            return self.distill_head(hidden.float())
 
     def rank_weights(self, gate_input: torch.Tensor | None) -> torch.Tensor | None:
         """``[B, r]`` factors on each example's rank-``r`` activation (expert weights repeated, times the scaling)."""

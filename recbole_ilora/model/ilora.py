@@ -35,6 +35,9 @@ Chen et al. 2024, arXiv:2406.09215, which contrasts the target with several nega
 (``z`` dotted with the item embedding, as RecBole's SASRec scores), lambda chosen on validation: a standard late-fusion
 ensemble of LLM and CF scores, ours (:mod:`recbole_ilora.score_fusion`). Scores are the LLM's alone unless the quick
 start sets ``score_fusion_weight``; the plain results stay the run's own.
+``distill_loss_weight`` (with ``user_token``) pulls the LLM's last hidden state at the user token, through a small head
+of the adapter, toward SASRec's ``z`` by ``1 - cosine``: LLM-SRec's distillation of the sequential model's user
+representation (Kim et al. 2025, arXiv:2502.13909), added to the LM loss.
 
 Hyper-parameters: ``properties/model/iLoRA.yaml`` (each key documented there).
 """
@@ -67,13 +70,14 @@ from recbole_ilora.scoring import PackedScorer, display_order, group_candidate_r
 class TrainingOutput(ModelOutput):
     """What :meth:`iLoRA.forward` returns for a training batch."""
 
-    loss: torch.Tensor | None = None  # lm_loss_weight x lm_loss + listwise_loss_weight x listwise_loss
+    loss: torch.Tensor | None = None  # lm_loss_weight x lm_loss + listwise_loss_weight x listwise_loss (+ distill)
     logits: torch.Tensor | None = None  # [answer tokens, vocabulary]; None without the LM loss
     labels: torch.Tensor | None = None  # [answer tokens]
     tokens: torch.Tensor | None = None  # prompt tokens of the batch, and token slots with padding (no host sync)
     token_slots: int | None = None
     lm_loss: torch.Tensor | None = None  # the parts of loss, unweighted; None where its weight is 0
     listwise_loss: torch.Tensor | None = None
+    distill_loss: torch.Tensor | None = None  # 0 in a text-only (curriculum) batch (no user token)
 
 
 class iLoRA(SequentialRecommender):
@@ -97,6 +101,10 @@ class iLoRA(SequentialRecommender):
         self.listwise_loss_weight = float(config["listwise_loss_weight"])
         if self.lm_loss_weight == 0 and self.listwise_loss_weight == 0:
             raise ValueError("lm_loss_weight and listwise_loss_weight are both 0: there is no training loss.")
+        self.distill_loss_weight = float(config["distill_loss_weight"])
+        if self.distill_loss_weight > 0 and not (self.user_token and self.lm_loss_weight > 0):
+            raise ValueError("distill_loss_weight > 0 needs user_token: true and lm_loss_weight > 0 (the hidden state at "
+                             "the user token comes from the LM loss's forward): set both, or distill_loss_weight: 0.")
         self.training_progress = 0.0  # set by the trainer: fraction of optimisation steps done
         if self.num_candidates > self.n_items - 1:
             raise ValueError(f"num_candidates={self.num_candidates} exceeds the {self.n_items - 1} items of the dataset.")
@@ -105,7 +113,8 @@ class iLoRA(SequentialRecommender):
         self.gate_encoder = load_gate_encoder(gate_encoder_path(config), dataset) if self.needs_gate_encoder(config) else None
         width = self.gate_encoder.hidden_size if self.gate_encoder is not None else None
         self.adapter_config = ExpertLoraConfig.from_config(
-            config, gate_input_size=width, projector_input_size=width if self.use_behaviour_tokens else None)
+            config, gate_input_size=width, projector_input_size=width if self.use_behaviour_tokens else None,
+            distill_output_size=width if self.distill_loss_weight > 0 else None)
         self.num_experts = self.adapter_config.num_experts
         device = torch.device(config["device"])
         self.llm_dtype = resolve_dtype(config["llm_dtype"], device)
@@ -233,13 +242,14 @@ class iLoRA(SequentialRecommender):
 
     def training_losses(self, interaction, candidates, template, with_behaviour: bool) -> TrainingOutput:
         """``lm_loss_weight`` x the LM loss on each prompt's answer (the next item's title), from logits at the answer
-        positions only, + ``listwise_loss_weight`` x :meth:`listwise_loss` over the ``[B, C]`` candidates it lists."""
+        positions only, + ``listwise_loss_weight`` x :meth:`listwise_loss` over the ``[B, C]`` candidates it lists,
+        + ``distill_loss_weight`` x :meth:`distill_loss` on the same forward's hidden states."""
         target = interaction[self.POS_ITEM_ID]
         with_lm_loss = self.lm_loss_weight > 0
         encoded = self.encode(interaction, candidates, template=template, target=target if with_lm_loss else None,
                               with_behaviour=with_behaviour)
         prompts = encoded.prompts
-        loss = lm_loss = listwise_loss = logits = labels = None
+        loss = lm_loss = listwise_loss = distill_loss = logits = labels = None
         if with_lm_loss:
             with self.autocast():
                 hidden = self.adapter.decode(encoded.gate_input, inputs_embeds=encoded.inputs_embeds,
@@ -251,12 +261,29 @@ class iLoRA(SequentialRecommender):
             labels = prompts.input_ids[row, column + 1]
             lm_loss = F.cross_entropy(logits.float(), labels)
             loss = self.lm_loss_weight * lm_loss
+            if self.distill_loss_weight > 0:
+                distill_loss = self.distill_loss(interaction, encoded, hidden)
+                loss = loss + self.distill_loss_weight * distill_loss
         if self.listwise_loss_weight > 0:
             listwise_loss = self.listwise_loss(encoded, candidates, target)
             weighted = self.listwise_loss_weight * listwise_loss
             loss = weighted if loss is None else loss + weighted
         return TrainingOutput(loss=loss, logits=logits, labels=labels, tokens=prompts.lengths.sum(),
-                              token_slots=prompts.input_ids.numel(), lm_loss=lm_loss, listwise_loss=listwise_loss)
+                              token_slots=prompts.input_ids.numel(), lm_loss=lm_loss, listwise_loss=listwise_loss,
+                              distill_loss=distill_loss)
+
+    def distill_loss(self, interaction, encoded: EncodedPrompts, hidden: torch.Tensor) -> torch.Tensor:
+        """Mean over the batch of ``1 - cosine(head(h), z)``: ``h`` the LLM's last hidden state ``[B, L, hidden]`` at
+        the user token, ``z`` the frozen SASRec's sequence representation (LLM-SRec's distillation)."""
+        prompts = encoded.prompts
+        if not prompts.num_behaviour:  # a text-only (curriculum) batch has no user token: nothing to distil
+            return hidden.new_zeros((), dtype=torch.float32)
+        # Exactly one user token per prompt, in row order: the batch size is their count (no wait for the device).
+        user = true_indices((prompts.kind == BEHAVIOUR) & (prompts.behaviour_items == USER), hidden.shape[0])
+        predicted = self.adapter.distilled_representation(hidden.reshape(-1, hidden.shape[-1])[user])
+        # z: the gate's input where there is a gate; sequence_representation runs without gradients (SASRec is frozen)
+        z = encoded.gate_input if encoded.gate_input is not None else self.sequence_representation(interaction)
+        return (1 - F.cosine_similarity(predicted, z.float(), dim=-1)).mean()
 
     def listwise_loss(self, encoded: EncodedPrompts, candidates: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Cross-entropy of the softmax over the ``[B, C]`` candidates' scores -- the evaluation's, from the packed
