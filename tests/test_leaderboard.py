@@ -223,14 +223,21 @@ def test_default_grid_file_is_valid():
 
 def test_quality_grid_tunes_every_model_with_the_same_budget():
     spec = load_grid_spec("benchmarks/quality-gpu.yaml")
-    assert spec.models == ["SASRec", "GRU4Rec", "LLaRA", "iLoRA"] and spec.datasets == ["ml-100k", "lastfm"]
+    assert spec.models == ["SASRec", "GRU4Rec", "Caser", "BERT4Rec", "TALLRec", "LLaRA", "iLoRA"]
+    assert spec.datasets == ["ml-100k", "lastfm"]
     assert (spec.proposed, spec.baseline, spec.seeds) == ("iLoRA", "LLaRA", [2020, 2021, 2022])
     assert spec.tuned_models == spec.models and not spec.tune.allow_unequal_budgets
     assert {model: spec.tune.budget(model) for model in spec.models} == dict.fromkeys(spec.models, 4)
     # The best LLM learning rate of the earlier grid (1.6e-3) was its largest value: this grid reaches above it.
-    for model in ("LLaRA", "iLoRA"):
+    for model in ("TALLRec", "LLaRA", "iLoRA"):
         assert max(trial["learning_rate"] for trial in spec.tune.trials(model)) > 1.6e-3
-    assert len(spec.tuning_cells()) == 2 * 4 * 4  # datasets x models x trials (one tuning seed)
+    # Every LLM cell gets the same budget: whole epochs, sizes given (cells sharing a GPU must not each probe it).
+    llm_budgets = [{key: spec.cell_settings(model, "ml-100k", 2020)[key] for key in
+                    ("epochs", "train_batch_size", "gradient_accumulation_steps", "eval_batch_size")}
+                   for model in ("TALLRec", "LLaRA", "iLoRA")]
+    assert llm_budgets[0] == llm_budgets[1] == llm_budgets[2] and "auto" not in llm_budgets[0].values()
+    assert "limit_train_batches" not in spec.cell_settings("iLoRA", "lastfm", 2020)
+    assert len(spec.tuning_cells()) == 2 * 7 * 4  # datasets x models x trials (one tuning seed)
 
 
 def test_proposed_defaults_to_the_last_model_and_baseline_to_none():
