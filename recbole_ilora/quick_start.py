@@ -30,7 +30,7 @@ from recbole_ilora.projection import check_cpu_run, recheck_after_first_step
 from recbole_ilora.score_fusion import LLMScoreReplay, choose_fusion_weight, scoring_with, without_generation
 from recbole_ilora.settings import check_run_environment
 from recbole_ilora.trainer import get_trainer, resume_training
-from recbole_ilora.utils import is_plugin_model, isolated_rng
+from recbole_ilora.utils import deterministic_algorithms, is_plugin_model, isolated_rng
 
 
 
@@ -77,7 +77,8 @@ def run_recbole_ilora(
     log_file = init_logger(config)
     distributed.quiet_other_ranks()  # distributed: only rank 0 logs
     try:
-        return {**_train_and_test(config, saved), "log_file": str(log_file)}
+        with deterministic_algorithms(config["deterministic_algorithms"]):
+            return {**_train_and_test(config, saved), "log_file": str(log_file)}
     except KeyboardInterrupt as interrupt:
         if isinstance(interrupt, TrainingInterrupted):
             raise  # the plugin trainer stopped at a step and said how to resume

@@ -162,3 +162,33 @@ def isolated_rng(*generators) -> Iterator[None]:
         np.random.set_state(states[1])
         for generator, state in zip(generators, own_states):
             generator.set_state(state)
+
+
+@contextmanager
+def deterministic_algorithms(enabled: bool) -> Iterator[None]:
+    """``deterministic_algorithms: true``: the block runs with torch's deterministic kernels (an operation that has
+    none raises, naming itself), cuBLAS's fixed workspace and inductor's deterministic mode; the previous state after.
+
+    RecBole's ``reproducibility`` fixes cuDNN's algorithms only; on a GPU, other backward kernels (attention,
+    atomic reductions) may still sum in a different order from run to run. ``CUBLAS_WORKSPACE_CONFIG`` only acts
+    when it is set before the process's first cuBLAS call: a process that used the GPU before the run should set it
+    itself (a value already set is kept).
+    """
+    if not enabled:
+        yield
+        return
+    import torch
+    import torch._inductor.config as inductor_config
+
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+              inductor_config.deterministic, os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    inductor_config.deterministic = True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        inductor_config.deterministic = before[2]
+        if before[3] is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
