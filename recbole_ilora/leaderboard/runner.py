@@ -106,11 +106,9 @@ def describe_protocol(cell: Cell, config_dict: dict) -> dict:
 
 def _result_fields(result: dict) -> dict:
     fields = {
-        "test_result": {key: float(value) for key, value in result["test_result"].items()},
-        "best_valid_result": {key: float(value) for key, value in (result["best_valid_result"] or {}).items()},
+        **_metric_fields(result),
         "best_valid_score": _optional_float(result["best_valid_score"]),
         "valid_score_bigger": bool(result.get("valid_score_bigger", True)),
-        "test_per_user": {key: np.asarray(value, dtype=float).tolist() for key, value in result["test_per_user"].items()},
         "num_trainable_parameters": int(result["num_trainable_parameters"]),
         "train_time_s": float(result["train_time_s"]),
         "eval_time_s": float(result["eval_time_s"]),
@@ -122,12 +120,19 @@ def _result_fields(result: dict) -> dict:
         fields["score_fusion"] = {
             "weight": float(fusion["weight"]),
             "valid_by_weight": [[float(weight), float(value)] for weight, value in fusion["valid_by_weight"].items()],
-            "best_valid_result": {key: float(value) for key, value in fusion["best_valid_result"].items()},
-            "test_result": {key: float(value) for key, value in fusion["test_result"].items()},
-            "test_per_user": {key: np.asarray(value, dtype=float).tolist() for key, value in fusion["test_per_user"].items()},
+            **_metric_fields(fusion),
             "eval_time_s": float(fusion["eval_time_s"]),
         }
     return fields
+
+
+def _metric_fields(result: dict) -> dict:
+    """Test and validation metrics and the per-user test vectors of a result (or of its score_fusion), as JSON."""
+    return {
+        "test_result": {key: float(value) for key, value in result["test_result"].items()},
+        "best_valid_result": {key: float(value) for key, value in (result["best_valid_result"] or {}).items()},
+        "test_per_user": {key: np.asarray(value, dtype=float).tolist() for key, value in result["test_per_user"].items()},
+    }
 
 
 def _optional_float(value):
