@@ -153,9 +153,12 @@ def isolated_rng(*generators) -> Iterator[None]:
 
     states = random.getstate(), np.random.get_state()
     own_states = [generator.get_state() for generator in generators]
-    in_use = torch.cuda.is_available() and torch.cuda.is_initialized()
+    # Every CUDA stream, even before CUDA is initialised: reading a state initialises it and applies the seed
+    # init_seed queued, so a block that first touches the GPU (pretraining the gate encoder on a cache miss)
+    # cannot leave the run's CUDA stream advanced by its dropout.
+    devices = range(torch.cuda.device_count()) if torch.cuda.is_available() else []
     try:
-        with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if in_use else []):
+        with torch.random.fork_rng(devices=devices):
             yield
     finally:
         random.setstate(states[0])
