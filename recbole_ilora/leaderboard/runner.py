@@ -47,6 +47,8 @@ Runner = Callable[..., dict]  # called like run_recbole_ilora(model=, dataset=, 
 def run_cell(cell: Cell, runner: Runner = run_recbole_ilora, saved: bool = True) -> dict:
     """Run one cell and return its record; an exception is caught and recorded as ``status: failed``.
 
+    The record's ``model`` is the cell's row; a variant's record adds the ``run_model`` it ran.
+
     ``KeyboardInterrupt`` (and other ``BaseException``) is not caught: it stops the grid, and the cell
     is run again on the next invocation.
     """
@@ -59,13 +61,15 @@ def run_cell(cell: Cell, runner: Runner = run_recbole_ilora, saved: bool = True)
         "overrides": cell.overrides,
         "config_files": cell.config_files,
     }
+    if cell.run_model != cell.model:  # variants only: plain models' records stay as older results files have them
+        record["run_model"] = cell.run_model
     if cell.trial is not None:
         record["trial"] = cell.trial
     start = time.perf_counter()
     try:
         record["protocol"] = describe_protocol(cell, config_dict)
         result = runner(
-            model=cell.model,
+            model=cell.run_model,
             dataset=cell.dataset,
             config_file_list=cell.config_files or None,
             config_dict=config_dict,
@@ -87,7 +91,7 @@ def run_cell(cell: Cell, runner: Runner = run_recbole_ilora, saved: bool = True)
 def describe_protocol(cell: Cell, config_dict: dict) -> dict:
     """The evaluation settings a cell runs with, read from its effective RecBole config."""
     config = Config(
-        model=cell.model,
+        model=cell.run_model,
         dataset=cell.dataset,
         config_file_list=cell.config_files or None,
         config_dict=dict(config_dict),
