@@ -119,6 +119,17 @@ def _result_fields(result: dict) -> dict:
         "peak_memory_gib": _optional_float(result["peak_memory_gib"]),
         "device": str(result["device"]),
     }
+    curve = result.get("learning_curve")
+    if curve:  # learning_curve: true (plugin models): the test metrics after every validation
+        fields["learning_curve"] = [
+            {
+                "epoch": int(point["epoch"]),
+                "optimizer_steps": None if point.get("optimizer_steps") is None else int(point["optimizer_steps"]),
+                "valid_score": _optional_float(point.get("valid_score")),
+                "test_result": {key: float(value) for key, value in (point.get("test_result") or {}).items()},
+            }
+            for point in curve
+        ]
     fusion = result.get("score_fusion")
     if fusion:  # score_fusion runs: the fused results, a derived row of the table ("<model> + SASRec fusion")
         fields["score_fusion"] = {
