@@ -6,7 +6,8 @@ best underlined (ties share the mark; compared at the 4 printed decimals). If th
 model has results, each other model's cell carries † (p < 0.05) or ‡ (p < 0.01) when a paired test over
 test users (:mod:`recbole_ilora.leaderboard.significance`) finds the proposed model different from it,
 and extra rows give the proposed model's relative improvement over the grid's ``baseline`` and over the
-best classical model of that column (classical: not one of this plugin's LLM-based models). Cost columns
+best classical model of that column (classical: not one of this plugin's LLM-based models; a variant
+is as LLM-based as the model it runs). Cost columns
 (trainable parameters, training and test wall time, peak GPU memory) follow each dataset's metrics.
 Cells that never finished are shown as "—" and listed under the table, never silently dropped. A model run with
 ``score_fusion`` gets a derived row "<model> + SASRec fusion" right after its own (:func:`fusion_records`).
@@ -92,7 +93,7 @@ def build_leaderboard(spec: GridSpec, records: list[dict], cli_overrides=None, c
         protocols=_distinct([record.get("protocol") for record in selected]),
         proposed=spec.proposed,
         baseline=spec.baseline,
-        llm_models=[model for model in models if is_plugin_model(model.removesuffix(FUSION_SUFFIX))],
+        llm_models=[model for model in models if is_plugin_model(spec.base_model(model.removesuffix(FUSION_SUFFIX)))],
         tuning=_tuning(spec.choose(records, cli_overrides, config_files).trials),
         tuning_seeds=spec.tune.seeds if spec.tune else None,
     )
