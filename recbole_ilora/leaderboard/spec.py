@@ -35,7 +35,6 @@ reruns its cells.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 from dataclasses import dataclass, field
@@ -48,7 +47,8 @@ from recbole.config import Config as RecBoleConfig
 from recbole_ilora.leaderboard.store import config_hash, record_key
 from recbole_ilora.leaderboard.tuning import TuneSpec, TuningResult, choose_trials
 from recbole_ilora.outputs import default_output_root
-from recbole_ilora.utils import PLUGIN_MODEL_PACKAGE, is_plugin_model, resolve_properties_path
+from recbole_ilora.settings import SettingError, check_model_name, known_models
+from recbole_ilora.utils import resolve_properties_path
 
 logger = logging.getLogger(__name__)
 
@@ -71,9 +71,6 @@ GRID_KEYS = REQUIRED_KEYS | {
 }
 VARIANT_KEYS = frozenset({"model", "overrides"})
 CELL_OVERRIDE_KEYS = frozenset({"model", "dataset", "seed", "overrides"})
-# Where RecBole's get_model looks for a model's module.
-RECBOLE_MODEL_PACKAGES = ("general_recommender", "context_aware_recommender", "sequential_recommender",
-                          "knowledge_aware_recommender", "exlib_recommender")
 TUNE_KEYS = frozenset({"models", "seeds", "space", "allow_unequal_budgets"})
 
 
@@ -172,7 +169,7 @@ class GridSpec:
             name, where = str(name), f"variants.{name}"
             if name not in self.models:
                 raise GridSpecError(f"`{where}` is not listed in `models`; add {name!r} to `models` (its row) or remove it.")
-            if is_registered_model(name):
+            if name in known_models():
                 raise GridSpecError(f"`{where}`: {name} is a registered model's name; give the variant a name of its "
                                     f"own, e.g. '{name} + <what it changes>'.")
             if not isinstance(entry, dict):
@@ -187,9 +184,10 @@ class GridSpec:
             model = str(model)
             if model in self.variants:
                 raise GridSpecError(f"`{where}.model: {model}` is itself a variant; name the registered model it runs.")
-            if not is_registered_model(model):
-                raise GridSpecError(f"`{where}.model: {model}` is neither a RecBole nor a plugin model; check its "
-                                    "spelling (model names are case-sensitive, e.g. iLoRA, SASRec).")
+            try:
+                check_model_name(model, source=f"`{where}.model`")  # the lookup a run's Config does
+            except SettingError as error:
+                raise GridSpecError(str(error)) from None
             overrides = entry.get("overrides") or {}
             if not isinstance(overrides, dict):
                 raise GridSpecError(f"`{where}.overrides` must be a mapping, got {overrides!r}.")
@@ -406,26 +404,6 @@ def _check_space(space: dict, where: str) -> dict[str, list]:
         if key == "seed":
             raise GridSpecError(f"`{where}` cannot tune `seed`; the grid's `seeds` list decides it.")
     return dict(space)
-
-
-def is_registered_model(name: str) -> bool:
-    """Whether ``name`` is a plugin or RecBole model, looked up where :func:`recbole_ilora.utils.get_model` looks,
-    without importing a plugin model's file (they pull in transformers and peft)."""
-    try:
-        if is_plugin_model(name):
-            # get_model then takes the class spelled as given; read for it rather than import the file.
-            origin = importlib.util.find_spec(f"{PLUGIN_MODEL_PACKAGE}.{name.lower()}").origin
-            return f"class {name}(" in Path(origin).read_text(encoding="utf-8")
-        for package in RECBOLE_MODEL_PACKAGES:
-            try:
-                found = importlib.util.find_spec(f"recbole.model.{package}.{name.lower()}")
-            except ImportError:  # exlib_recommender imports lightgbm and xgboost, which may be absent
-                continue
-            if found is not None:
-                return hasattr(importlib.import_module(found.name), name)  # the class, spelled as given
-    except (ImportError, ValueError):  # a name no module can have (a dot, an empty part)
-        return False
-    return False
 
 
 def _refuse_seed(overrides: dict, where: str) -> None:
