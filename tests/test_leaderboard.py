@@ -458,7 +458,7 @@ def test_tiny_grid_resumes_without_rerunning_finished_cells(tiny_grid):
 
 def test_tiny_grid_exports_all_formats(tiny_grid):
     exports = tiny_grid["outcome"]["exports"]
-    assert set(exports) == {"markdown", "csv", "latex", "json", "png"}
+    assert set(exports) == {"markdown", "csv", "latex", "json", "png", "validation_markdown", "validation_csv"}
     for path in exports.values():
         assert path.is_file() and path.stat().st_size > 0
     assert exports["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
