@@ -888,11 +888,16 @@ def test_variant_mistakes_are_refused(variants, models, message):
         GridSpec(models=models or ["SASRec", "iLoRA", VARIANT], datasets=["d"], seeds=[1], variants=variants)
 
 
-def test_model_overrides_of_a_variant_row_are_refused():
+def test_model_overrides_of_a_variant_row_are_refused(caplog):
     with pytest.raises(GridSpecError, match=r"`model_overrides.iLoRA \+ listwise` names a variant; put its settings in "
                                             r"`variants.iLoRA \+ listwise.overrides`"):
         GridSpec(models=["iLoRA", VARIANT], datasets=["d"], seeds=[1], variants={VARIANT: {"model": "iLoRA"}},
                  model_overrides={VARIANT: {"learning_rate": 1e-3}})
+    # The model_overrides of a model that only variants run are used (by them), so no "unused" warning.
+    spec = GridSpec(models=["SASRec", VARIANT], datasets=["d"], seeds=[1], variants={VARIANT: {"model": "iLoRA"}},
+                    model_overrides={"iLoRA": {"learning_rate": 1e-3}, "GRU4Rec": {"learning_rate": 1e-2}})
+    assert spec.cell_settings(VARIANT, "d", 1) == {"learning_rate": 1e-3}
+    assert "'GRU4Rec', which is not in the grid" in caplog.text and "'iLoRA'" not in caplog.text
 
 
 def ablation_result(**kwargs):

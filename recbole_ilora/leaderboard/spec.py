@@ -205,7 +205,8 @@ class GridSpec:
             if not isinstance(getattr(self, name), dict):
                 raise GridSpecError(f"`{name}` must be a mapping, got {getattr(self, name)!r}.")
         _refuse_seed(self.overrides, "overrides")
-        for group_name, known in (("model_overrides", self.models), ("dataset_overrides", self.datasets)):
+        run_models = [*self.models, *(variant["model"] for variant in self.variants.values())]  # a variant's model's apply
+        for group_name, known in (("model_overrides", run_models), ("dataset_overrides", self.datasets)):
             for key, values in getattr(self, group_name).items():
                 if not isinstance(values, dict):
                     raise GridSpecError(f"`{group_name}.{key}` must be a mapping, got {values!r}.")
