@@ -444,8 +444,9 @@ def known_models() -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
-def check_model_name(model: str) -> None:
-    """Raise :class:`SettingError` unless ``model`` names a plugin or RecBole model (case matters, as in RecBole)."""
+def check_model_name(model: str, source: str = "--model") -> None:
+    """Raise :class:`SettingError` unless ``model`` names a plugin or RecBole model (case matters, as in RecBole);
+    ``source`` says where the name was given."""
     names = known_models()
     if model in names:
         return
@@ -453,7 +454,7 @@ def check_model_name(model: str) -> None:
     close = same or difflib.get_close_matches(str(model), names, n=3, cutoff=0.6) or \
         [names[i] for i in _close_lower(str(model), names)]
     hint = f" Did you mean {' or '.join(close)}?" if close else ""
-    raise SettingError(f"Unknown model {model!r} (--model): neither a recbole-ilora model (iLoRA, LLaRA, TALLRec) "
+    raise SettingError(f"Unknown model {model!r} ({source}): neither a recbole-ilora model (iLoRA, LLaRA, TALLRec) "
                        f"nor a RecBole model; names are case-sensitive.{hint}")
 
 

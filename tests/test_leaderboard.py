@@ -458,7 +458,7 @@ def test_tiny_grid_resumes_without_rerunning_finished_cells(tiny_grid):
 
 def test_tiny_grid_exports_all_formats(tiny_grid):
     exports = tiny_grid["outcome"]["exports"]
-    assert set(exports) == {"markdown", "csv", "latex", "json", "png"}
+    assert set(exports) == {"markdown", "csv", "latex", "json", "png", "validation_markdown", "validation_csv"}
     for path in exports.values():
         assert path.is_file() and path.stat().st_size > 0
     assert exports["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -740,3 +740,274 @@ def test_a_score_fusion_section_adds_a_derived_row_after_its_model(tmp_path, ml1
     exported = json.loads(to_json(board))
     assert "iLoRA + SASRec fusion" in exported["grid"]["models"]
     assert "iLoRA + SASRec fusion" in export_tables(board, tmp_path / "exports")["markdown"].read_text()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Variants: rows that run a model with extra settings (fake runner)
+
+VARIANT = "iLoRA + listwise"
+
+
+class RecordingRunner:
+    """A fake runner that keeps every call's keyword arguments (model, config_dict, ...)."""
+
+    def __init__(self, result=lambda **kwargs: fake_result(kwargs["model"], kwargs["config_dict"]["seed"])):
+        self.result = result
+        self.calls: list[dict] = []
+
+    def __call__(self, **kwargs):
+        self.calls.append(kwargs)
+        return self.result(**kwargs)
+
+    def config_of(self, model: str, seed: int) -> dict:
+        """The config_dict of the one call that ran ``model`` (the registered model) with ``seed``."""
+        (config,) = [c["config_dict"] for c in self.calls if c["model"] == model and c["config_dict"]["seed"] == seed]
+        return config
+
+
+def variant_grid(tmp_path, ml100k_slice, **changes) -> dict:
+    """Every layer sets the keys of the layers after it too, so each key's value tells which layer won."""
+    grid = {
+        "models": ["SASRec", "iLoRA", VARIANT],
+        "datasets": ["ml-100k-slice"],
+        "seeds": [1],
+        "overrides": {**ml100k_slice, "epochs": 1, "learning_rate": 0.1, "weight_decay": 0.1, "train_batch_size": 16,
+                      "eval_batch_size": 16, "stopping_step": 1},
+        "dataset_overrides": {"ml-100k-slice": {"learning_rate": 0.2, "weight_decay": 0.2, "train_batch_size": 32,
+                                                "eval_batch_size": 32, "stopping_step": 2}},
+        "model_overrides": {"iLoRA": {"weight_decay": 0.3, "train_batch_size": 48, "eval_batch_size": 48,
+                                      "stopping_step": 3}},
+        "variants": {VARIANT: {"model": "iLoRA", "overrides": {"train_batch_size": 64, "eval_batch_size": 64,
+                                                               "stopping_step": 4, "listwise_loss_weight": 1.0}}},
+        "cell_overrides": [{"model": VARIANT, "overrides": {"eval_batch_size": 80, "stopping_step": 5}}],
+        "output_dir": str(tmp_path / "board"),
+    }
+    grid.update(changes)
+    return grid
+
+
+def write_grid(tmp_path, grid: dict, name: str = "grid.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(grid, sort_keys=False))
+    return load_grid_spec(path)
+
+
+def test_a_variant_row_runs_its_model_with_its_overrides_merged_in_order(tmp_path, ml100k_slice):
+    spec = write_grid(tmp_path, variant_grid(tmp_path, ml100k_slice))
+    runner = RecordingRunner()
+    run = run_grid(spec, cli_overrides={"stopping_step": 6}, runner=runner)
+    assert not run.failed and sorted(c["model"] for c in runner.calls) == ["SASRec", "iLoRA", "iLoRA"]
+    variant = [c["config_dict"] for c in runner.calls if c["config_dict"].get("listwise_loss_weight") == 1.0]
+    plain = [c["config_dict"] for c in runner.calls if c["model"] == "iLoRA" and "listwise_loss_weight" not in c["config_dict"]]
+    assert len(variant) == 1 and len(plain) == 1
+    wanted = {"epochs": 1, "learning_rate": 0.2, "weight_decay": 0.3, "train_batch_size": 64, "eval_batch_size": 80,
+              "stopping_step": 6, "listwise_loss_weight": 1.0, "seed": 1}
+    assert {key: variant[0][key] for key in wanted} == wanted  # overrides < dataset < iLoRA's < variant < cell < CLI
+    # The plain iLoRA row gets neither the variant's settings nor the cell_overrides of the variant's row.
+    assert {key: plain[0][key] for key in ("train_batch_size", "eval_batch_size", "stopping_step")} == {
+        "train_batch_size": 48, "eval_batch_size": 48, "stopping_step": 6}
+    assert runner.config_of("SASRec", 1)["weight_decay"] == 0.2  # iLoRA's model_overrides are iLoRA's only
+    records = {r["model"]: r for r in run.store.load()}
+    assert set(records) == {"SASRec", "iLoRA", VARIANT} and all(r["status"] == "ok" for r in records.values())
+    assert records[VARIANT]["run_model"] == "iLoRA" and records[VARIANT]["overrides"]["listwise_loss_weight"] == 1.0
+    assert "run_model" not in records["iLoRA"] and "run_model" not in records["SASRec"]  # plain records unchanged
+    assert records[VARIANT]["protocol"] == records["iLoRA"]["protocol"]  # read from iLoRA's config
+
+
+def test_a_changed_variant_reruns_its_cells_only(tmp_path, ml100k_slice):
+    grid = variant_grid(tmp_path, ml100k_slice)
+    spec = write_grid(tmp_path, grid)
+    run_grid(spec, runner=RecordingRunner())
+    hashes = {cell.model: cell.config_hash for cell in spec.cells()}
+    # Plain rows hash as in a grid without variants: adding a variant leaves existing results valid.
+    plain_grid = {key: value for key, value in grid.items() if key not in ("variants", "cell_overrides")}
+    plain_grid["models"] = ["SASRec", "iLoRA"]
+    plain = {cell.model: cell.config_hash for cell in write_grid(tmp_path, plain_grid, "plain.yaml").cells()}
+    assert plain == {model: hashes[model] for model in ("SASRec", "iLoRA")}
+
+    runner = RecordingRunner()
+    assert run_grid(spec, runner=runner).finished == [] and runner.calls == []  # resumes: nothing to run
+
+    changed = variant_grid(tmp_path, ml100k_slice)
+    changed["variants"][VARIANT]["overrides"]["listwise_loss_weight"] = 0.5
+    spec = write_grid(tmp_path, changed)
+    new_hashes = {cell.model: cell.config_hash for cell in spec.cells()}
+    assert new_hashes[VARIANT] != hashes[VARIANT]
+    assert {m: new_hashes[m] for m in ("SASRec", "iLoRA")} == {m: hashes[m] for m in ("SASRec", "iLoRA")}
+    runner = RecordingRunner()
+    run = run_grid(spec, runner=runner)
+    assert [(c["model"], c["config_dict"]["listwise_loss_weight"]) for c in runner.calls] == [("iLoRA", 0.5)]
+    assert run.finished[0]["model"] == VARIANT and run.finished[0]["run_model"] == "iLoRA"
+    assert run.finished[0]["config_hash"] == new_hashes[VARIANT]
+
+    # The same settings run by another model are another configuration: the model is part of the hash.
+    of_model = {}
+    for model in ("iLoRA", "LLaRA"):
+        other = variant_grid(tmp_path, ml100k_slice, model_overrides={})  # the same merged settings for both
+        other["variants"][VARIANT]["model"] = model
+        cell = {c.model: c for c in write_grid(tmp_path, other).cells()}[VARIANT]
+        of_model[model] = (cell.overrides, cell.config_hash)
+    assert of_model["iLoRA"][0] == of_model["LLaRA"][0] and of_model["iLoRA"][1] != of_model["LLaRA"][1]
+
+
+def test_variants_are_tuned_by_row_name_with_the_same_budget(tmp_path, ml100k_slice):
+    base = dict(models=["iLoRA", VARIANT], datasets=["ml-100k-slice"], seeds=[1, 2], overrides=dict(ml100k_slice),
+                output_dir=str(tmp_path / "board"),
+                variants={VARIANT: {"model": "iLoRA", "overrides": {"listwise_loss_weight": 1.0}}})
+    with pytest.raises(GridSpecError, match=rf"different numbers of trials \(iLoRA: 2, {re.escape(VARIANT)}: 1 \(untuned\)\)"):
+        GridSpec(**base, tune={"space": {"iLoRA": {"learning_rate": [1e-4, BEST_VALID_LR]}}})
+    spec = GridSpec(**base, tune={"space": {"iLoRA": {"learning_rate": [1e-4, BEST_VALID_LR]},
+                                            VARIANT: {"learning_rate": [BEST_VALID_LR, BEST_TEST_LR]}}})
+    trials = {(c.model, c.trial["learning_rate"]): c for c in spec.tuning_cells()}
+    assert set(trials) == {("iLoRA", 1e-4), ("iLoRA", BEST_VALID_LR), (VARIANT, BEST_VALID_LR), (VARIANT, BEST_TEST_LR)}
+    assert trials[VARIANT, BEST_TEST_LR].run_model == "iLoRA"
+    assert trials[VARIANT, BEST_TEST_LR].overrides["listwise_loss_weight"] == 1.0
+    run = run_grid(spec, runner=RecordingRunner(tuning_runner))
+    assert run.tuning.chosen == {("iLoRA", "ml-100k-slice"): {"learning_rate": BEST_VALID_LR},
+                                 (VARIANT, "ml-100k-slice"): {"learning_rate": BEST_VALID_LR}}
+    finals = [r for r in run.store.load() if r["model"] == VARIANT and r["seed"] == 2]
+    assert len(finals) == 1 and finals[0]["overrides"]["learning_rate"] == BEST_VALID_LR
+
+
+@pytest.mark.parametrize("variants, models, message", [
+    ({"iLoRA + x": {"model": "iLoRA"}}, ["iLoRA"], r"`variants.iLoRA \+ x` is not listed in `models`; add"),
+    ({"SASRec": {"model": "SASRec", "overrides": {"hidden_size": 32}}}, ["SASRec"],
+     r"`variants.SASRec`: SASRec is a registered model's name; give the variant a name of its own"),
+    ({VARIANT: {"model": "iLoRA", "override": {"a": 1}}}, None, r"`variants.iLoRA \+ listwise` has unknown keys \['override'\]"),
+    ({VARIANT: {"overrides": {"listwise_loss_weight": 1.0}}}, None, r"`variants.iLoRA \+ listwise` lacks `model`"),
+    ({VARIANT: {"model": "ilora"}}, None, r"Unknown model 'ilora' \(`variants.iLoRA \+ listwise.model`\).*Did you mean iLoRA"),
+    ({VARIANT: {"model": VARIANT}}, None, r"`variants.iLoRA \+ listwise.model: iLoRA \+ listwise` is itself a variant"),
+    ({VARIANT: {"model": "iLoRA", "overrides": {"seed": 3}}}, None,
+     r"`seed` is set in variants.iLoRA \+ listwise.overrides"),
+    ({VARIANT: {"model": "iLoRA", "overrides": [1]}}, None, r"`variants.iLoRA \+ listwise.overrides` must be a mapping"),
+    ({VARIANT: "iLoRA"}, None, r"`variants.iLoRA \+ listwise` must be a mapping"),
+    ([VARIANT], None, r"`variants` must map row names"),
+])
+def test_variant_mistakes_are_refused(variants, models, message):
+    with pytest.raises(GridSpecError, match=message):
+        GridSpec(models=models or ["SASRec", "iLoRA", VARIANT], datasets=["d"], seeds=[1], variants=variants)
+
+
+def test_model_overrides_of_a_variant_row_are_refused(caplog):
+    with pytest.raises(GridSpecError, match=r"`model_overrides.iLoRA \+ listwise` names a variant; put its settings in "
+                                            r"`variants.iLoRA \+ listwise.overrides`"):
+        GridSpec(models=["iLoRA", VARIANT], datasets=["d"], seeds=[1], variants={VARIANT: {"model": "iLoRA"}},
+                 model_overrides={VARIANT: {"learning_rate": 1e-3}})
+    # The model_overrides of a model that only variants run are used (by them), so no "unused" warning.
+    spec = GridSpec(models=["SASRec", VARIANT], datasets=["d"], seeds=[1], variants={VARIANT: {"model": "iLoRA"}},
+                    model_overrides={"iLoRA": {"learning_rate": 1e-3}, "GRU4Rec": {"learning_rate": 1e-2}})
+    assert spec.cell_settings(VARIANT, "d", 1) == {"learning_rate": 1e-3}
+    assert "'GRU4Rec', which is not in the grid" in caplog.text and "'iLoRA'" not in caplog.text
+
+
+def ablation_result(**kwargs):
+    """fake_result of the model run, with: a SASRec variant (hidden_size 32) as good as LLaRA and a LLaRA variant
+    (user_token) as good as iLoRA; a score_fusion section for plugin models; validation results of every metric
+    that differ by model row and seed."""
+    config, model = kwargs["config_dict"], kwargs["model"]
+    seed = config["seed"]
+    quality = "LLaRA" if config.get("hidden_size") == 32 else "iLoRA" if config.get("user_token") else model
+    result = fake_result(quality, seed + (5 if quality != model else 0))
+    offset = 0.01 * seed + (0.3 if config.get("user_token") else 0.0) + (0.2 if config.get("hidden_size") == 32 else 0.0)
+    result["best_valid_result"] = OrderedDict((key, value / 2 + offset) for key, value in result["test_result"].items())
+    if model in ("iLoRA", "LLaRA"):
+        fused = fake_result("SASRec", seed + 20)
+        result["score_fusion"] = {"weight": 0.5, "valid_by_weight": {0.0: 0.1, 0.5: 0.2},
+                                  "best_valid_result": {key: value / 3 + offset for key, value in fused["test_result"].items()},
+                                  "test_result": fused["test_result"], "test_per_user": fused["test_per_user"],
+                                  "eval_time_s": 0.25}
+    return result
+
+
+def ablation_spec(tmp_path, ml100k_slice) -> GridSpec:
+    return GridSpec(
+        models=["Pop", "SASRec", "SASRec + h32", "LLaRA + user token", "iLoRA"], datasets=["ml-100k-slice"],
+        seeds=[1, 2], overrides=dict(ml100k_slice), output_dir=str(tmp_path / "board"),
+        variants={"SASRec + h32": {"model": "SASRec", "overrides": {"hidden_size": 32}},
+                  "LLaRA + user token": {"model": "LLaRA", "overrides": {"user_token": True}}},
+    )
+
+
+def test_a_variant_of_an_llm_model_is_an_llm_row_and_a_classical_variant_is_classical(tmp_path, ml100k_slice):
+    spec = ablation_spec(tmp_path, ml100k_slice)
+    run = run_grid(spec, runner=RecordingRunner(ablation_result))
+    assert not run.failed
+    board = build_leaderboard(spec, run.store.load())
+    fusion = "LLaRA + user token + SASRec fusion"
+    assert board.models == ["Pop", "SASRec", "SASRec + h32", "LLaRA + user token", fusion, "iLoRA", "iLoRA + SASRec fusion"]
+    assert board.llm_models == ["LLaRA + user token", fusion, "iLoRA", "iLoRA + SASRec fusion"]
+    classical = ["Pop", "SASRec", "SASRec + h32"]
+    improvements = board.improvements.set_index(["metric", "reference"])
+    means = {metric: {model: board.mean(model, "ml-100k-slice", metric) for model in board.models} for metric in board.metrics}
+    # The LLM variant beats every classical row somewhere: were it taken for classical, it would be the reference there.
+    assert any(mean["LLaRA + user token"] > max(mean[m] for m in classical) for mean in means.values())
+    for metric, mean in means.items():
+        best = improvements.loc[(metric, "best classical")]
+        assert best.reference_model == max(classical, key=mean.get)
+    assert "SASRec + h32" in set(improvements.reference_model)  # the classical variant is a candidate
+    # The variant's fusion row holds its fused results.
+    fused = [r["score_fusion"]["test_result"]["hit@1"] for r in run.store.load() if r["model"] == "LLaRA + user token"]
+    assert board.mean(fusion, "ml-100k-slice", "HR@1") == pytest.approx(np.mean(fused))
+
+
+def parse_validation_csv(path) -> dict[tuple[str, str], float]:
+    table = pd.read_csv(path, index_col=0, dtype=str, keep_default_na=False)
+    return {(model, column): float(cell.split(" ")[0]) for model, row in table.iterrows()
+            for column, cell in row.items() if cell != "—"}
+
+
+def test_the_validation_table_holds_the_means_of_best_valid_result(tmp_path, ml100k_slice):
+    spec = ablation_spec(tmp_path, ml100k_slice)
+    run = run_grid(spec, runner=RecordingRunner(ablation_result))
+    records = run.store.load()
+    board = build_leaderboard(spec, records)
+    paths = export_tables(board, tmp_path / "exports")
+    assert paths["validation_markdown"].name == "validation.md" and paths["validation_csv"].name == "validation.csv"
+    shown = parse_validation_csv(paths["validation_csv"])
+    expected = {}
+    for model in spec.models:
+        rows = [r for r in records if r["model"] == model]
+        for label, key in (("HR@1", "hit@1"), ("HR@5", "hit@5"), ("NDCG@5", "ndcg@5"), ("NDCG@10", "ndcg@10")):
+            expected[model, f"ml-100k-slice {label}"] = np.mean([r["best_valid_result"][key] for r in rows])
+            if rows[0].get("score_fusion"):  # a fusion row: the fused validation results
+                expected[model + " + SASRec fusion", f"ml-100k-slice {label}"] = np.mean(
+                    [r["score_fusion"]["best_valid_result"][key] for r in rows])
+    assert set(shown) == set(expected) and len(expected) == 7 * 4
+    for key, mean in expected.items():
+        assert shown[key] == pytest.approx(round(mean, 4), abs=1e-12), key
+    # Validation differs from test: the file is not a copy of the test table.
+    assert shown["iLoRA", "ml-100k-slice HR@1"] != pytest.approx(board.mean("iLoRA", "ml-100k-slice", "HR@1"), abs=1e-3)
+    markdown = paths["validation_markdown"].read_text()
+    assert markdown.startswith("**Validation.**") and "| LLaRA + user token + SASRec fusion |" in markdown
+    assert json.loads(paths["json"].read_text())["validation"]
+    # Exporting again writes the same bytes (--export_only is deterministic).
+    before = {fmt: path.read_bytes() for fmt, path in paths.items()}
+    again = export_tables(build_leaderboard(spec, ResultsStore(run.store.path).load()), tmp_path / "exports")
+    assert {fmt: path.read_bytes() for fmt, path in again.items()} == before
+
+
+def test_a_metric_without_validation_results_is_shown_as_missing(tmp_path, ml100k_slice):
+    spec = fake_spec(tmp_path, ["Pop", "iLoRA"], ml100k_slice)  # fake_result validates on NDCG@5 only
+    board = build_leaderboard(spec, run_grid(spec, runner=CountingRunner(fake_runner)).store.load())
+    shown = parse_validation_csv(export_tables(board, tmp_path / "exports")["validation_csv"])
+    assert shown == {("Pop", "ml-100k-slice NDCG@5"): 0.1, ("iLoRA", "ml-100k-slice NDCG@5"): 0.1}
+
+
+def test_a_learning_curve_is_recorded_with_json_floats(tmp_path, ml100k_slice):
+    curve = [{"epoch": 1, "optimizer_steps": np.int64(4), "valid_score": np.float32(0.25),
+              "test_result": OrderedDict([("hit@1", np.float64(0.125)), ("ndcg@5", np.float32(0.5))])},
+             {"epoch": 2, "optimizer_steps": None, "valid_score": 0.375, "test_result": {"hit@1": 0.25}}]
+
+    def with_curve(**kwargs):
+        result = fake_result(kwargs["model"], kwargs["config_dict"]["seed"])
+        result["learning_curve"] = curve if kwargs["model"] == "iLoRA" else []
+        return result
+
+    spec = fake_spec(tmp_path, ["SASRec", "iLoRA"], ml100k_slice)
+    run_grid(spec, runner=RecordingRunner(with_curve))
+    lines = [json.loads(line) for line in (tmp_path / "board" / "results.jsonl").read_text().splitlines()]
+    by_model = {(r["model"], r["seed"]): r for r in lines}
+    assert by_model["iLoRA", 1]["learning_curve"] == [
+        {"epoch": 1, "optimizer_steps": 4, "valid_score": 0.25, "test_result": {"hit@1": 0.125, "ndcg@5": 0.5}},
+        {"epoch": 2, "optimizer_steps": None, "valid_score": 0.375, "test_result": {"hit@1": 0.25}}]
+    assert "learning_curve" not in by_model["SASRec", 1]  # an empty curve is not recorded

@@ -2,7 +2,7 @@
 
 ``python run_recbole_ilora.py --leaderboard properties/leaderboard.yaml`` runs every cell of the grid,
 appending each result to ``<output_dir>/results.jsonl`` as it finishes, and then writes
-``leaderboard.{md,csv,tex,json,png}`` beside it. Rerunning the command resumes an interrupted grid;
+``leaderboard.{md,csv,tex,json,png}`` and ``validation.{md,csv}`` beside it. Rerunning the command resumes an interrupted grid;
 ``--export_only`` rebuilds the exports from the results file without running.
 
 Modules, lowest first: :mod:`.store` (the results file and a cell's settings hash), :mod:`.tuning`

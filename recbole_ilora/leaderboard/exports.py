@@ -2,7 +2,8 @@
 
 :func:`export_leaderboard` builds the :class:`~recbole_ilora.leaderboard.tables.Leaderboard` of a grid's
 results file and writes ``leaderboard.{md,csv,tex,json,png}``; the Markdown file also lists the runs
-without a result and every tuning trial with its validation score.
+without a result and every tuning trial with its validation score. ``validation.{md,csv}`` beside them
+hold the same rows' validation results (mean over seeds of ``best_valid_result``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from recbole_ilora.leaderboard.tables import (
     build_leaderboard,
     display_table,
     flat_columns,
+    validation_table,
 )
 
 TEST_NAMES = {"wilcoxon": "two-sided Wilcoxon signed-rank test", "ttest": "two-sided paired t-test"}
@@ -158,6 +160,18 @@ def to_markdown(board: Leaderboard) -> str:
     return text + (f"\n{missing}\n" if missing else "") + (f"\n{tuning}" if tuning else "")
 
 
+def validation_markdown(board: Leaderboard) -> str:
+    """The validation table in Markdown, with its caption."""
+    table = flat_columns(validation_table(board, "markdown")).to_markdown(disable_numparse=True)
+    tuned = " Tuned models chose their settings on validation, so their numbers here are optimistic." \
+        if board.tuning is not None and not board.tuning.empty else ""
+    text = (f"**Validation.** {', '.join(board.metrics)} on the validation split at each run's early-stopping "
+            f"checkpoint (best_valid_result): mean ± sample standard deviation over {len(board.seeds)} seeds "
+            f"({', '.join(map(str, board.seeds))}); a fusion row: the fused scores at its chosen weight; "
+            f"n=k marks a mean over fewer seeds, — a metric without validation results.{tuned}\n\n{table}\n")
+    return text
+
+
 def to_latex(board: Leaderboard) -> str:
     table = display_table(board, "latex")
     table.columns.names = [None, None]
@@ -194,18 +208,24 @@ def to_json(board: Leaderboard) -> str:
         "improvements": records(board.improvements),
         "missing": records(board.missing),
         "tuning": records(board.tuning) if board.tuning is not None else [],
+        "validation": records(board.validation) if board.validation is not None else [],
     }
     return json.dumps(document, indent=2, ensure_ascii=False)
 
 
 def export_tables(board: Leaderboard, output_dir: str | Path) -> dict[str, Path]:
-    """Write ``leaderboard.{md,csv,tex,json}`` into ``output_dir`` and return their paths by format."""
+    """Write ``leaderboard.{md,csv,tex,json}`` and ``validation.{md,csv}`` into ``output_dir`` and return their
+    paths by format (``validation_markdown``, ``validation_csv`` for the validation table)."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     paths = {fmt: output_dir / f"leaderboard.{ext}" for fmt, ext in
              (("markdown", "md"), ("csv", "csv"), ("latex", "tex"), ("json", "json"))}
+    paths["validation_markdown"] = output_dir / "validation.md"
+    paths["validation_csv"] = output_dir / "validation.csv"
     paths["markdown"].write_text(to_markdown(board), encoding="utf-8")
     flat_columns(display_table(board, "plain")).to_csv(paths["csv"], encoding="utf-8")
     paths["latex"].write_text(to_latex(board), encoding="utf-8")
     paths["json"].write_text(to_json(board), encoding="utf-8")
+    paths["validation_markdown"].write_text(validation_markdown(board), encoding="utf-8")
+    flat_columns(validation_table(board, "plain")).to_csv(paths["validation_csv"], encoding="utf-8")
     return paths

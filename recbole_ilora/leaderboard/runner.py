@@ -47,6 +47,8 @@ Runner = Callable[..., dict]  # called like run_recbole_ilora(model=, dataset=, 
 def run_cell(cell: Cell, runner: Runner = run_recbole_ilora, saved: bool = True) -> dict:
     """Run one cell and return its record; an exception is caught and recorded as ``status: failed``.
 
+    The record's ``model`` is the cell's row; a variant's record adds the ``run_model`` it ran.
+
     ``KeyboardInterrupt`` (and other ``BaseException``) is not caught: it stops the grid, and the cell
     is run again on the next invocation.
     """
@@ -59,13 +61,15 @@ def run_cell(cell: Cell, runner: Runner = run_recbole_ilora, saved: bool = True)
         "overrides": cell.overrides,
         "config_files": cell.config_files,
     }
+    if cell.run_model != cell.model:  # variants only: plain models' records stay as older results files have them
+        record["run_model"] = cell.run_model
     if cell.trial is not None:
         record["trial"] = cell.trial
     start = time.perf_counter()
     try:
         record["protocol"] = describe_protocol(cell, config_dict)
         result = runner(
-            model=cell.model,
+            model=cell.run_model,
             dataset=cell.dataset,
             config_file_list=cell.config_files or None,
             config_dict=config_dict,
@@ -87,7 +91,7 @@ def run_cell(cell: Cell, runner: Runner = run_recbole_ilora, saved: bool = True)
 def describe_protocol(cell: Cell, config_dict: dict) -> dict:
     """The evaluation settings a cell runs with, read from its effective RecBole config."""
     config = Config(
-        model=cell.model,
+        model=cell.run_model,
         dataset=cell.dataset,
         config_file_list=cell.config_files or None,
         config_dict=dict(config_dict),
@@ -115,6 +119,17 @@ def _result_fields(result: dict) -> dict:
         "peak_memory_gib": _optional_float(result["peak_memory_gib"]),
         "device": str(result["device"]),
     }
+    curve = result.get("learning_curve")
+    if curve:  # learning_curve: true (plugin models): the test metrics after every validation
+        fields["learning_curve"] = [
+            {
+                "epoch": int(point["epoch"]),
+                "optimizer_steps": None if point.get("optimizer_steps") is None else int(point["optimizer_steps"]),
+                "valid_score": _optional_float(point.get("valid_score")),
+                "test_result": {key: float(value) for key, value in (point.get("test_result") or {}).items()},
+            }
+            for point in curve
+        ]
     fusion = result.get("score_fusion")
     if fusion:  # score_fusion runs: the fused results, a derived row of the table ("<model> + SASRec fusion")
         fields["score_fusion"] = {

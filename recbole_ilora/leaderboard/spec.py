@@ -2,14 +2,16 @@
 
 A grid file names ``models``, ``datasets`` and ``seeds`` and the settings every cell gets::
 
-    models: [Pop, SASRec, LLaRA, iLoRA]
+    models: [Pop, SASRec, LLaRA, iLoRA, iLoRA + listwise]
     datasets: [ml-100k]
     seeds: [2020, 2021, 2022]
     proposed: iLoRA                         # default: the last model listed
     baseline: LLaRA                         # default: none
     overrides: {epochs: 50}                 # every cell
     dataset_overrides: {ml-100k: {...}}     # cells of one dataset
-    model_overrides: {iLoRA: {...}}         # cells of one model
+    model_overrides: {iLoRA: {...}}         # cells of one model (and of its variants)
+    variants:                               # rows that run a model with extra settings (an ablation)
+      iLoRA + listwise: {model: iLoRA, overrides: {listwise_loss_weight: 1.0}}
     cell_overrides:                         # cells matching every key given (model/dataset/seed)
       - {model: iLoRA, dataset: ml-100k, overrides: {learning_rate: 1e-4}}
     output_dir: results/leaderboard         # results.jsonl, tables and the plot go here
@@ -18,11 +20,17 @@ A grid file names ``models``, ``datasets`` and ``seeds`` and the settings every 
     tune: {...}                             # optional: see recbole_ilora.leaderboard.tuning
 
 A cell's settings are merged in that order -- ``overrides`` < ``dataset_overrides`` <
-``model_overrides`` < ``cell_overrides`` < the command line's ``--key=value`` -- and passed to
-:func:`recbole_ilora.quick_start.run_recbole_ilora` as its ``config_dict`` (so they also win over
-``--config_files`` and the ``properties/`` YAML files). The grid sets ``seed``; giving it elsewhere is
-an error. ``proposed`` is the model the tables test against every other model and whose relative
-improvement they report, over ``baseline`` and over the best classical (non-LLM) model.
+``model_overrides`` < a variant's ``overrides`` < ``cell_overrides`` < the command line's ``--key=value``
+-- and passed to :func:`recbole_ilora.quick_start.run_recbole_ilora` as its ``config_dict`` (so they also
+win over ``--config_files`` and the ``properties/`` YAML files). The grid sets ``seed``; giving it
+elsewhere is an error. ``proposed`` is the model the tables test against every other model and whose
+relative improvement they report, over ``baseline`` and over the best classical (non-LLM) model.
+
+A *variant* is a row of its own: its name is listed in ``models`` (and is what ``proposed``,
+``baseline``, ``cell_overrides``, ``tune.space`` and the tables call it), its cells run the registered
+``model`` it names with ``model_overrides`` of that model and then its own ``overrides``, and it counts as
+an LLM row exactly when its model is one. Its settings hash covers its model, so editing a variant
+reruns its cells.
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ from recbole.config import Config as RecBoleConfig
 from recbole_ilora.leaderboard.store import config_hash, record_key
 from recbole_ilora.leaderboard.tuning import TuneSpec, TuningResult, choose_trials
 from recbole_ilora.outputs import default_output_root
+from recbole_ilora.settings import SettingError, check_model_name, known_models
 from recbole_ilora.utils import resolve_properties_path
 
 logger = logging.getLogger(__name__)
@@ -58,7 +67,9 @@ GRID_KEYS = REQUIRED_KEYS | {
     "metrics",
     "significance_test",
     "tune",
+    "variants",
 }
+VARIANT_KEYS = frozenset({"model", "overrides"})
 CELL_OVERRIDE_KEYS = frozenset({"model", "dataset", "seed", "overrides"})
 TUNE_KEYS = frozenset({"models", "seeds", "space", "allow_unequal_budgets"})
 
@@ -79,6 +90,10 @@ class Cell:
     config_hash: str
     trial: dict | None = None  # the tuned settings of a tuning trial (or of a tuned model's final cell)
     awaiting_tuning: bool = False  # a tuned model's final cell before its trials have finished
+    run_model: str = ""  # the registered model the cell runs: a variant's model, else (default) ``model``
+
+    def __post_init__(self) -> None:
+        self.run_model = self.run_model or self.model
 
     @property
     def key(self) -> tuple:
@@ -107,10 +122,12 @@ class GridSpec:
     tune: TuneSpec | dict | None = None  # the YAML's mapping, normalised to a TuneSpec
     proposed: str | None = None  # None: the last model listed
     baseline: str | None = None
+    variants: dict[str, dict] = field(default_factory=dict)  # row name -> {model, overrides}
 
     def __post_init__(self) -> None:
         self._validate_lists()
         self._validate_roles()
+        self._validate_variants()
         self._validate_overrides()
         if self.tune is not None and not isinstance(self.tune, TuneSpec):
             self.tune = parse_tune(self.tune, self.models, self.seeds)
@@ -144,16 +161,60 @@ class GridSpec:
         if self.baseline is not None and self.baseline == self.proposed:
             raise GridSpecError(f"`baseline` and `proposed` are both {self.proposed}; name two different models.")
 
+    def _validate_variants(self) -> None:
+        if not isinstance(self.variants, dict):
+            raise GridSpecError(f"`variants` must map row names to {{model: ..., overrides: {{...}}}}, got {self.variants!r}.")
+        variants = {}
+        for name, entry in self.variants.items():
+            name, where = str(name), f"variants.{name}"
+            if name not in self.models:
+                raise GridSpecError(f"`{where}` is not listed in `models`; add {name!r} to `models` (its row) or remove it.")
+            if name in known_models():
+                raise GridSpecError(f"`{where}`: {name} is a registered model's name; give the variant a name of its "
+                                    f"own, e.g. '{name} + <what it changes>'.")
+            if not isinstance(entry, dict):
+                raise GridSpecError(f"`{where}` must be a mapping {{model: <model>, overrides: {{...}}}}, got {entry!r}.")
+            unknown = set(entry) - VARIANT_KEYS
+            if unknown:
+                raise GridSpecError(f"`{where}` has unknown keys {sorted(unknown)}; allowed: {sorted(VARIANT_KEYS)}.")
+            model = entry.get("model")
+            if model is None:
+                raise GridSpecError(f"`{where}` lacks `model`: the registered model its cells run, e.g. "
+                                    f"{{model: iLoRA, overrides: {{...}}}}.")
+            model = str(model)
+            if model in self.variants:
+                raise GridSpecError(f"`{where}.model: {model}` is itself a variant; name the registered model it runs.")
+            try:
+                check_model_name(model, source=f"`{where}.model`")  # the lookup a run's Config does
+            except SettingError as error:
+                raise GridSpecError(str(error)) from None
+            overrides = entry.get("overrides") or {}
+            if not isinstance(overrides, dict):
+                raise GridSpecError(f"`{where}.overrides` must be a mapping, got {overrides!r}.")
+            _refuse_seed(overrides, f"{where}.overrides")
+            variants[name] = {"model": model, "overrides": dict(overrides)}
+        self.variants = variants
+
+    def base_model(self, row: str) -> str:
+        """The registered model a row runs: a variant's ``model``, else the row itself."""
+        variant = self.variants.get(row)
+        return variant["model"] if variant else row
+
     def _validate_overrides(self) -> None:
         for name in ("overrides", "model_overrides", "dataset_overrides"):
             if not isinstance(getattr(self, name), dict):
                 raise GridSpecError(f"`{name}` must be a mapping, got {getattr(self, name)!r}.")
         _refuse_seed(self.overrides, "overrides")
-        for group_name, known in (("model_overrides", self.models), ("dataset_overrides", self.datasets)):
+        run_models = [*self.models, *(variant["model"] for variant in self.variants.values())]  # a variant's model's apply
+        for group_name, known in (("model_overrides", run_models), ("dataset_overrides", self.datasets)):
             for key, values in getattr(self, group_name).items():
                 if not isinstance(values, dict):
                     raise GridSpecError(f"`{group_name}.{key}` must be a mapping, got {values!r}.")
                 _refuse_seed(values, f"{group_name}.{key}")
+                if group_name == "model_overrides" and key in self.variants:
+                    # A variant gets its model's model_overrides; two places for its own settings would be one too many.
+                    raise GridSpecError(f"`model_overrides.{key}` names a variant; put its settings in "
+                                        f"`variants.{key}.overrides`.")
                 if key not in known:
                     logger.warning("%s names %r, which is not in the grid; its overrides are unused.", group_name, key)
         if not isinstance(self.cell_overrides, list):
@@ -182,10 +243,14 @@ class GridSpec:
         return self.tune.models if self.tune else []
 
     def cell_settings(self, model: str, dataset: str, seed: int) -> dict:
-        """The grid's own settings for one cell (without the command line's), merged by precedence."""
+        """The grid's own settings for one cell (without the command line's), merged by precedence.
+
+        ``model`` is the row: for a variant, its model's ``model_overrides`` and then its own overrides apply.
+        """
         merged = dict(self.overrides)
         merged.update(self.dataset_overrides.get(dataset, {}))
-        merged.update(self.model_overrides.get(model, {}))
+        merged.update(self.model_overrides.get(self.base_model(model), {}))
+        merged.update(self.variants.get(model, {}).get("overrides", {}))
         for entry in self.cell_overrides:
             wanted = {"model": model, "dataset": dataset, "seed": seed}
             if all(entry[key] == wanted[key] for key in ("model", "dataset", "seed") if key in entry):
@@ -196,8 +261,11 @@ class GridSpec:
         merged = self.cell_settings(model, dataset, seed)
         merged.update(trial or {})
         merged.update(cli_overrides)
+        # A variant's hash covers the model it runs (plain models' hashes stay those of older results files).
+        run_model = self.base_model(model)
+        cell_hash = config_hash(merged, config_files, model=run_model if model in self.variants else None)
         return Cell(model=model, dataset=dataset, seed=seed, overrides=merged, config_files=config_files,
-                    config_hash=config_hash(merged, config_files), trial=trial)
+                    config_hash=cell_hash, trial=trial, run_model=run_model)
 
     def _check_cli(self, cli_overrides: dict | None) -> dict:
         cli_overrides = dict(cli_overrides or {})
@@ -237,7 +305,8 @@ class GridSpec:
                 for seed in self.seeds:
                     if model in self.tuned_models and (model, dataset) not in chosen:
                         cells.append(Cell(model=model, dataset=dataset, seed=seed, overrides={},
-                                          config_files=config_files, config_hash="", awaiting_tuning=True))
+                                          config_files=config_files, config_hash="", awaiting_tuning=True,
+                                          run_model=self.base_model(model)))
                         continue
                     trial = chosen.get((model, dataset)) if model in self.tuned_models else None
                     cells.append(self._cell(model, dataset, seed, cli_overrides, config_files, trial))

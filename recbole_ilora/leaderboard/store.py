@@ -29,17 +29,20 @@ RESULTS_FILE_NAME = "results.jsonl"
 HASH_LENGTH = 16
 
 
-def config_hash(overrides: dict, config_files: Iterable[str] = ()) -> str:
+def config_hash(overrides: dict, config_files: Iterable[str] = (), model: str | None = None) -> str:
     """A stable 16-hex-digit hash of a cell's merged settings (minus :data:`~recbole_ilora.utils.NON_RESULT_KEYS`).
 
     The contents of ``config_files`` are hashed too, so editing one re-runs the cells that use it.
-    Settings in ``properties/*.yaml`` are not part of the hash: after changing one, delete the
-    affected lines of the results file (or use a new ``output_dir``).
+    ``model`` (a variant's registered model; its row name is already in the record's key) is hashed
+    when given. Settings in ``properties/*.yaml`` are not part of the hash: after changing one, delete
+    the affected lines of the results file (or use a new ``output_dir``).
     """
     payload = {
         "overrides": result_settings(overrides),
         "config_files": [[str(path), file_fingerprint(path)] for path in config_files],
     }
+    if model is not None:  # only then: the hashes of plain models' cells stay those of older results files
+        payload["model"] = str(model)
     # One canonical text (sorted keys, compact separators, repr for values JSON lacks): the hashes of
     # results files written by earlier versions stay valid, so those grids keep resuming.
     text = json.dumps(payload, sort_keys=True, default=repr, separators=(",", ":"))

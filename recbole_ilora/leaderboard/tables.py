@@ -6,10 +6,13 @@ best underlined (ties share the mark; compared at the 4 printed decimals). If th
 model has results, each other model's cell carries † (p < 0.05) or ‡ (p < 0.01) when a paired test over
 test users (:mod:`recbole_ilora.leaderboard.significance`) finds the proposed model different from it,
 and extra rows give the proposed model's relative improvement over the grid's ``baseline`` and over the
-best classical model of that column (classical: not one of this plugin's LLM-based models). Cost columns
+best classical model of that column (classical: not one of this plugin's LLM-based models; a variant
+is as LLM-based as the model it runs). Cost columns
 (trainable parameters, training and test wall time, peak GPU memory) follow each dataset's metrics.
 Cells that never finished are shown as "—" and listed under the table, never silently dropped. A model run with
 ``score_fusion`` gets a derived row "<model> + SASRec fusion" right after its own (:func:`fusion_records`).
+The validation table (:attr:`Leaderboard.validation`) has the same rows and the mean over seeds of each
+run's ``best_valid_result`` (a fusion row: its fused validation results).
 
 :class:`Leaderboard` keeps the numbers; :func:`display_table` lays them out for one output style;
 :mod:`~recbole_ilora.leaderboard.exports` writes the files.
@@ -65,6 +68,7 @@ class Leaderboard:
     llm_models: list[str]  # the grid's LLM-based (plugin) models; the others are classical
     tuning: pd.DataFrame = None  # model, dataset, <tuned settings>, valid_score, n_seeds, chosen (grids with `tune`)
     tuning_seeds: list[int] | None = None
+    validation: pd.DataFrame = None  # model, dataset, metric, mean, std, n_seeds, seeds of best_valid_result
 
     def mean(self, model: str, dataset: str, metric: str) -> float:
         row = self.summary[(self.summary.model == model) & (self.summary.dataset == dataset) & (self.summary.metric == metric)]
@@ -92,9 +96,10 @@ def build_leaderboard(spec: GridSpec, records: list[dict], cli_overrides=None, c
         protocols=_distinct([record.get("protocol") for record in selected]),
         proposed=spec.proposed,
         baseline=spec.baseline,
-        llm_models=[model for model in models if is_plugin_model(model.removesuffix(FUSION_SUFFIX))],
+        llm_models=[model for model in models if is_plugin_model(spec.base_model(model.removesuffix(FUSION_SUFFIX)))],
         tuning=_tuning(spec.choose(records, cli_overrides, config_files).trials),
         tuning_seeds=spec.tune.seeds if spec.tune else None,
+        validation=_summary(selected, metric_keys, result="best_valid_result"),
     )
     board.significance = _significance(board, selected, metric_keys)
     board.improvements = _improvements(board)
@@ -122,16 +127,21 @@ def with_fusion_rows(models, fused_models: set[str]) -> list[str]:
     return rows
 
 
-def _summary(records: list[dict], metric_keys: dict[str, str]) -> pd.DataFrame:
+def _summary(records: list[dict], metric_keys: dict[str, str], result: str = "test_result") -> pd.DataFrame:
+    """Mean, std and seeds of every (model, dataset, metric) of ``result``: the test results (every metric
+    required), or ``best_valid_result`` (a metric a run did not validate on is left out, shown as "—")."""
     rows = []
     for record in records:
+        values = record.get(result) or {}
         for label, key in metric_keys.items():
-            if key not in record["test_result"]:
+            if key not in values:
+                if result != "test_result":
+                    continue
                 raise KeyError(
                     f"{record['model']} on {record['dataset']} (seed {record['seed']}) has no test metric {key!r}; "
-                    f"it has {sorted(record['test_result'])}. Add the metric to RecBole's `metrics`/`topk`."
+                    f"it has {sorted(values)}. Add the metric to RecBole's `metrics`/`topk`."
                 )
-            rows.append((record["model"], record["dataset"], record["seed"], label, record["test_result"][key]))
+            rows.append((record["model"], record["dataset"], record["seed"], label, values[key]))
     long = pd.DataFrame(rows, columns=["model", "dataset", "seed", "metric", "value"])
     summary = long.groupby(["model", "dataset", "metric"], sort=False).agg(
         mean=("value", "mean"), std=("value", "std"), n_seeds=("seed", "nunique"), seeds=("seed", lambda s: sorted(s))
@@ -282,6 +292,27 @@ def display_table(board: Leaderboard, style: str = "markdown") -> pd.DataFrame:
             if reference == BEST_CLASSICAL:
                 text += f" ({row.reference_model})"
             table.loc[label, (row.dataset, row.metric)] = text + _style_marker(row.marker, style)
+    return table
+
+
+def validation_table(board: Leaderboard, style: str = "markdown") -> pd.DataFrame:
+    """The validation results as strings: the test table's rows and metric columns, mean ± std over seeds
+    (no marks: nothing is tested or ranked on validation here), "—" where no run validated on a metric."""
+    if style not in STYLES:
+        raise ValueError(f"style must be one of {STYLES}")
+    columns = pd.MultiIndex.from_tuples([(dataset, metric) for dataset in board.datasets for metric in board.metrics],
+                                        names=["Dataset", ""])
+    table = pd.DataFrame("—", index=pd.Index(board.models, name="Model"), columns=columns)
+    plus_minus = "$\\pm$" if style == "latex" else "±"
+    for row in board.validation.itertuples():
+        if row.model not in table.index:
+            continue
+        text = f"{row.mean:.{DECIMALS}f}"
+        if row.n_seeds > 1:
+            text += f" {plus_minus} {row.std:.{DECIMALS}f}"
+        if row.n_seeds < len(board.seeds):
+            text += f" (n={row.n_seeds})"
+        table.loc[row.model, (row.dataset, row.metric)] = text
     return table
 
 
