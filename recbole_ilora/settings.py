@@ -304,13 +304,8 @@ def _check_score_fusion_weights(settings: dict, where) -> None:
 
 
 def _check_distillation(settings: dict, where) -> None:
-    """The distillation loss reads the LM loss's hidden states at the user token: both must be there."""
+    """The distillation loss reads the LM loss's hidden states: that forward must run."""
     weight = settings["distill_loss_weight"]
-    if not settings.get("user_token"):
-        raise _refuse("distill_loss_weight", weight, where("distill_loss_weight"),
-                      f"needs user_token: true, not user_token={settings.get('user_token')!r} ({where('user_token')}): "
-                      "the LLM's hidden state at the user token is what is distilled",
-                      "Set --user_token=True, or --distill_loss_weight=0.0 (off, the default).")
     if not settings.get("lm_loss_weight"):
         raise _refuse("distill_loss_weight", weight, where("distill_loss_weight"),
                       f"needs lm_loss_weight > 0, not lm_loss_weight={settings.get('lm_loss_weight')!r} "

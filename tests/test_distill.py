@@ -1,6 +1,7 @@
 """Distillation of SASRec's user representation into the LLM (``distill_loss_weight``, after LLM-SRec): off by default
-nothing changes; on, the loss is the LM loss + w x (1 - cosine(head(h_user), z)) computed naively; the head belongs to
-the adapter (trained, saved and loaded with it); text-only batches and refused combinations."""
+nothing changes; on, the loss is the LM loss + w x (1 - cosine(head(h), z)) computed naively, h the last hidden state at
+each prompt's last position; the head belongs to the adapter (trained, saved and loaded with it); text-only batches and
+the refused combination."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from peft import set_peft_model_state_dict
 from peft.utils import load_peft_weights
 from safetensors.torch import load_file
 
-from recbole_ilora.prompt import BEHAVIOUR, USER
+from recbole_ilora.prompt import ANSWER
 from recbole_ilora.quick_start import run_recbole_ilora
 from tests.helpers import first_training_batch, make_tiny_model, randomize_lora_b
 
@@ -22,7 +23,7 @@ HEAD = "user_distill_head"
 
 
 def distill_model(tiny_setup, **changes):
-    settings = {"curriculum": False, "user_token": True, "distill_loss_weight": WEIGHT, **changes}
+    settings = {"curriculum": False, "distill_loss_weight": WEIGHT, **changes}
     model, _ = make_tiny_model(tiny_setup, **settings)
     randomize_lora_b(model)
     model.train()  # lora_dropout is 0 in the tiny settings: training forwards are deterministic
@@ -36,10 +37,11 @@ def randomize_head(model, seed):
         parameter.data = torch.randn(parameter.shape, generator=generator) * 0.3
 
 
-def naive_distill_loss(model, interaction, candidates, template):
-    """A plain forward of the causal LM (its last hidden state), the user token found by a Python search of each
-    prompt, the head applied there, cosine against the frozen SASRec's z."""
-    encoded = model.encode(interaction, candidates, template=template, target=interaction["item_id"])
+def naive_distill_loss(model, interaction, candidates, template, with_behaviour=True):
+    """A plain forward of the causal LM (its last hidden state), each prompt's last position found by a Python search
+    for its first answer token, the head applied there, cosine against the frozen SASRec's z."""
+    encoded = model.encode(interaction, candidates, template=template, target=interaction["item_id"],
+                           with_behaviour=with_behaviour)
     prompts = encoded.prompts
     output = model.llm(inputs_embeds=encoded.inputs_embeds, attention_mask=prompts.attention_mask.long(),
                        gate_input=encoded.gate_input, output_hidden_states=True)
@@ -49,10 +51,8 @@ def naive_distill_loss(model, interaction, candidates, template):
     z = model.gate_encoder(interaction["item_id_list"], interaction["item_length"])
     losses = []
     for row in range(hidden.shape[0]):
-        positions = [i for i in range(int(prompts.lengths[row]))
-                     if prompts.kind[row, i] == BEHAVIOUR and prompts.behaviour_items[row, i] == USER]
-        assert len(positions) == 1
-        predicted = model.adapter.distill_head(hidden[row, positions[0]])
+        first_answer = next(i for i in range(int(prompts.lengths[row])) if prompts.kind[row, i] == ANSWER)
+        predicted = model.adapter.distill_head(hidden[row, first_answer - 1])
         losses.append(1 - F.cosine_similarity(predicted, z[row].detach(), dim=0))
     return torch.stack(losses).mean()
 
@@ -94,16 +94,15 @@ def test_the_loss_is_lm_plus_weight_times_the_naive_distill_loss_and_trains_head
         torch.testing.assert_close(gradients[name], naive[name], atol=1e-6, rtol=1e-4)
 
 
-def test_a_text_only_batch_has_no_user_token_and_its_loss_is_the_lm_loss(tiny_setup):
+def test_a_text_only_batch_is_distilled_too(tiny_setup):
+    # Curriculum batches have no behavioural token; the last prompt position is still there to distil.
     model, interaction, candidates, template = distill_model(tiny_setup, curriculum=True)
     output = model.training_losses(interaction, candidates, template, with_behaviour=False)
-    assert output.distill_loss is not None and float(output.distill_loss) == 0.0
-    assert torch.isfinite(output.loss) and torch.equal(output.loss, output.lm_loss)
-    model.training_progress = 0.0  # the curriculum then draws text-only batches only
-    output = model(interaction)
-    assert float(output.distill_loss) == 0.0 and torch.equal(output.loss, output.lm_loss)
-    output.loss.backward()  # the head is simply unused
-    assert all(p.grad is None for p in model.adapter.distill_head.parameters())
+    torch.testing.assert_close(output.distill_loss,
+                               naive_distill_loss(model, interaction, candidates, template, with_behaviour=False))
+    assert torch.equal(output.loss, model.lm_loss_weight * output.lm_loss + WEIGHT * output.distill_loss)
+    output.loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.adapter.distill_head.parameters())
 
 
 def test_the_head_is_saved_and_loaded_with_the_adapter_and_the_checkpoint(tiny_setup, tmp_path):
@@ -133,33 +132,30 @@ def test_the_head_is_saved_and_loaded_with_the_adapter_and_the_checkpoint(tiny_s
     assert torch.equal(other.training_losses(interaction, candidates, template, with_behaviour=True).loss, expected.loss)
 
 
-@pytest.mark.parametrize("changes, words", [
-    ({"user_token": False}, ["distill_loss_weight=0.5", "needs user_token: true", "--user_token=True"]),
-    ({"lm_loss_weight": 0.0, "listwise_loss_weight": 1.0},
-     ["distill_loss_weight=0.5", "needs lm_loss_weight > 0", "--lm_loss_weight=1.0"]),
-])
-def test_refused_combinations_are_one_line(tiny_setup, changes, words):
+def test_without_the_lm_loss_it_is_refused_in_one_line(tiny_setup):
     with pytest.raises(ValueError) as refusal:
-        make_tiny_model(tiny_setup, **{"user_token": True, "distill_loss_weight": WEIGHT, **changes})
+        make_tiny_model(tiny_setup, distill_loss_weight=WEIGHT, lm_loss_weight=0.0, listwise_loss_weight=1.0)
     message = str(refusal.value)
+    words = ["distill_loss_weight=0.5", "needs lm_loss_weight > 0", "--lm_loss_weight=1.0"]
     assert "\n" not in message and all(word in message for word in words), message
 
 
-def test_the_model_refuses_them_too_when_built_from_a_config_directly(tiny_setup):
+def test_the_model_refuses_it_too_when_built_from_a_config_directly(tiny_setup):
     from recbole_ilora.config import Config
     from recbole_ilora.pipeline import build_model
     from tests.helpers import SLICE_NAME
 
-    config = Config(model="iLoRA", dataset=SLICE_NAME, config_dict={**tiny_setup[0], "user_token": True})
+    config = Config(model="iLoRA", dataset=SLICE_NAME, config_dict=dict(tiny_setup[0]))
     config["distill_loss_weight"] = WEIGHT  # past the settings check
-    config["user_token"] = False
-    with pytest.raises(ValueError, match="^distill_loss_weight > 0 needs user_token: true and lm_loss_weight > 0"):
+    config["lm_loss_weight"] = 0.0
+    config["listwise_loss_weight"] = 1.0
+    with pytest.raises(ValueError, match="^distill_loss_weight > 0 needs lm_loss_weight > 0"):
         build_model(config, tiny_setup[2]._dataset)
 
 
 def test_training_with_distillation_runs_end_to_end(tiny_setup, tmp_path):
     saved = tmp_path / "saved"
-    overrides = {**tiny_setup[0], "limit_train_batches": 2, "checkpoint_dir": str(saved), "user_token": True,
+    overrides = {**tiny_setup[0], "limit_train_batches": 2, "checkpoint_dir": str(saved),
                  "distill_loss_weight": WEIGHT}
     result = run_recbole_ilora("iLoRA", "ml-100k-slice", config_dict=overrides)
     test = result["test_result"]

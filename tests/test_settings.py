@@ -56,9 +56,7 @@ BAD_SETTINGS = [
     (["--score_fusion=True", "--fixed_eval_negatives=False"], ["score_fusion=True", "fixed_eval_negatives=False",
                                                                "replayed"]),
     (["--score_fusion=maybe"], ["'score_fusion'", "cannot be read as a bool"]),
-    (["--distill_loss_weight=0.5"], ["distill_loss_weight=0.5", "needs user_token: true", "user_token=False (default)",
-                                     "--user_token=True"]),
-    (["--distill_loss_weight=0.5", "--user_token=True", "--lm_loss_weight=0", "--listwise_loss_weight=1"],
+    (["--distill_loss_weight=0.5", "--lm_loss_weight=0", "--listwise_loss_weight=1"],
      ["distill_loss_weight=0.5", "needs lm_loss_weight > 0", "lm_loss_weight=0 (--lm_loss_weight)"]),
     (["--distill_loss_weight=-1"], ["distill_loss_weight=-1", "x >= 0"]),
 ]

@@ -36,7 +36,7 @@ class ExpertLoraConfig(LoraConfig):
     """``LoraConfig`` (``r`` is the total rank) plus the mixture: ``num_experts`` experts of rank
     ``r / num_experts``, a gate on ``gate_input_size``-wide inputs, optionally a projector that maps
     ``projector_input_size``-wide behaviour vectors into the LLM's input embeddings (LLaRA's hybrid prompt), and
-    optionally a head that maps the LLM's hidden states to ``distill_output_size`` (the user token's distillation)."""
+    optionally a head that maps the LLM's hidden states to ``distill_output_size`` (the distillation of SASRec's user representation)."""
 
     num_experts: int = field(default=4, metadata={"help": "K experts mixed per example; 1 is plain LoRA"})
     expert_scaling: str = field(default="per_expert", metadata={"help": "per_expert (authors) or peft"})
@@ -46,7 +46,7 @@ class ExpertLoraConfig(LoraConfig):
         default=None, metadata={"help": "width of the behaviour vectors projected into the LLM; None: no projector"}
     )
     distill_output_size: int | None = field(
-        default=None, metadata={"help": "width of the representation the user token's hidden state is distilled "
+        default=None, metadata={"help": "width of the representation the LLM's hidden state is distilled "
                                         "into; None: no distillation head"}
     )
 

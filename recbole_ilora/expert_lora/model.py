@@ -8,7 +8,7 @@ name (saved and loaded by peft with the LoRA weights, as VeRA's shared matrices 
 - ``expert_gate``: ``Linear(gate_input_size -> K, no bias)``; ``softmax(W z / T)`` are the expert weights;
 - ``behaviour_projector``: ``Linear -> GELU -> Linear`` from behaviour vectors to the LLM's input width;
 - ``user_distill_head`` (only with ``distill_output_size``): ``Linear -> GELU -> Linear`` from the LLM's hidden
-  width to SASRec's (the projector's mirror), for the distillation loss at the user token.
+  width to SASRec's (the projector's mirror), for the distillation loss at the last prompt position.
 
 The gate weights of one call are handed in with the call: ``forward(..., gate_input=z)``, or
 :meth:`ExpertLoraModel.decoder_kwargs` for a call of the decoder alone (:mod:`.layer` says how they reach

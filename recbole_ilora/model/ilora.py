@@ -35,9 +35,9 @@ Chen et al. 2024, arXiv:2406.09215, which contrasts the target with several nega
 (``z`` dotted with the item embedding, as RecBole's SASRec scores), lambda chosen on validation: a standard late-fusion
 ensemble of LLM and CF scores, ours (:mod:`recbole_ilora.score_fusion`). Scores are the LLM's alone unless the quick
 start sets ``score_fusion_weight``; the plain results stay the run's own.
-``distill_loss_weight`` (with ``user_token``) pulls the LLM's last hidden state at the user token, through a small head
-of the adapter, toward SASRec's ``z`` by ``1 - cosine``: LLM-SRec's distillation of the sequential model's user
-representation (Kim et al. 2025, arXiv:2502.13909), added to the LM loss.
+``distill_loss_weight`` pulls the LLM's last hidden state at each prompt's last position (the one that writes the
+answer), through a small head of the adapter, toward SASRec's ``z`` by ``1 - cosine``: LLM-SRec's distillation of the
+sequential model's user representation (Kim et al. 2025, arXiv:2502.13909), added to the LM loss.
 
 Hyper-parameters: ``properties/model/iLoRA.yaml`` (each key documented there).
 """
@@ -77,7 +77,7 @@ class TrainingOutput(ModelOutput):
     token_slots: int | None = None
     lm_loss: torch.Tensor | None = None  # the parts of loss, unweighted; None where its weight is 0
     listwise_loss: torch.Tensor | None = None
-    distill_loss: torch.Tensor | None = None  # 0 in a text-only (curriculum) batch (no user token)
+    distill_loss: torch.Tensor | None = None
 
 
 class iLoRA(SequentialRecommender):
@@ -102,9 +102,9 @@ class iLoRA(SequentialRecommender):
         if self.lm_loss_weight == 0 and self.listwise_loss_weight == 0:
             raise ValueError("lm_loss_weight and listwise_loss_weight are both 0: there is no training loss.")
         self.distill_loss_weight = float(config["distill_loss_weight"])
-        if self.distill_loss_weight > 0 and not (self.user_token and self.lm_loss_weight > 0):
-            raise ValueError("distill_loss_weight > 0 needs user_token: true and lm_loss_weight > 0 (the hidden state at "
-                             "the user token comes from the LM loss's forward): set both, or distill_loss_weight: 0.")
+        if self.distill_loss_weight > 0 and not self.lm_loss_weight > 0:
+            raise ValueError("distill_loss_weight > 0 needs lm_loss_weight > 0 (the hidden states it reads come from the "
+                             "LM loss's forward): set it, or distill_loss_weight: 0.")
         self.training_progress = 0.0  # set by the trainer: fraction of optimisation steps done
         if self.num_candidates > self.n_items - 1:
             raise ValueError(f"num_candidates={self.num_candidates} exceeds the {self.n_items - 1} items of the dataset.")
@@ -273,14 +273,16 @@ class iLoRA(SequentialRecommender):
                               distill_loss=distill_loss)
 
     def distill_loss(self, interaction, encoded: EncodedPrompts, hidden: torch.Tensor) -> torch.Tensor:
-        """Mean over the batch of ``1 - cosine(head(h), z)``: ``h`` the LLM's last hidden state ``[B, L, hidden]`` at
-        the user token, ``z`` the frozen SASRec's sequence representation (LLM-SRec's distillation)."""
-        prompts = encoded.prompts
-        if not prompts.num_behaviour:  # a text-only (curriculum) batch has no user token: nothing to distil
-            return hidden.new_zeros((), dtype=torch.float32)
-        # Exactly one user token per prompt, in row order: the batch size is their count (no wait for the device).
-        user = true_indices((prompts.kind == BEHAVIOUR) & (prompts.behaviour_items == USER), hidden.shape[0])
-        predicted = self.adapter.distilled_representation(hidden.reshape(-1, hidden.shape[-1])[user])
+        """Mean over the batch of ``1 - cosine(head(h), z)``: ``h`` the LLM's last hidden state ``[B, L, hidden]`` at each
+        prompt's last position (the one that writes the answer's first token), ``z`` the frozen SASRec's sequence
+        representation (LLM-SRec's distillation). Not at the user token: its input is projector(z), which the residual
+        stream carries up to its last state, so the head could learn to undo the projector instead of the LLM learning
+        to summarise the history."""
+        kind = encoded.prompts.kind
+        # The position before each prompt's first answer token: one per prompt, in row order (no wait for the device).
+        last_prompt = true_indices((kind[:, 1:] == ANSWER) & (kind[:, :-1] != ANSWER), hidden.shape[0])
+        width = hidden.shape[1] - 1
+        predicted = self.adapter.distilled_representation(hidden[last_prompt // width, last_prompt % width])
         # z: the gate's input where there is a gate; sequence_representation runs without gradients (SASRec is frozen)
         z = encoded.gate_input if encoded.gate_input is not None else self.sequence_representation(interaction)
         return (1 - F.cosine_similarity(predicted, z.float(), dim=-1)).mean()
