@@ -240,6 +240,21 @@ def test_quality_grid_tunes_every_model_with_the_same_budget():
     assert len(spec.tuning_cells()) == 2 * 7 * 4  # datasets x models x trials (one tuning seed)
 
 
+def test_ablation_grid_changes_one_thing_per_row_at_the_same_budget():
+    spec = load_grid_spec("benchmarks/ablation-gpu.yaml")
+    assert spec.models[:2] == ["SASRec", "iLoRA"] and all(spec.base_model(row) == "iLoRA" for row in spec.models[1:])
+    budget = ("epochs", "learning_rate", "effective_batch_size", "llm_path", "listwise_loss_weight", "distill_loss_weight",
+              "user_token", "score_fusion", "learning_curve", "deterministic_algorithms")
+    sizes = {"train_batch_size", "gradient_accumulation_steps", "eval_batch_size"}  # memory, not the method
+    for dataset in spec.datasets:
+        default = spec.cell_settings("iLoRA", dataset, 2020)
+        assert default["score_fusion"] and default["learning_curve"] and default["deterministic_algorithms"]
+        for row in spec.models[2:]:
+            settings = spec.cell_settings(row, dataset, 2020)
+            changed = {key for key in set(settings) | set(default) if settings.get(key) != default.get(key)} - sizes
+            assert len(changed) == 1 and changed <= set(budget), (row, changed)
+
+
 def test_proposed_defaults_to_the_last_model_and_baseline_to_none():
     spec = GridSpec(models=["Pop", "GRU4Rec", "SASRec"], datasets=["d"], seeds=[1])
     assert (spec.proposed, spec.baseline) == ("SASRec", None)
