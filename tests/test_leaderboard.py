@@ -324,6 +324,48 @@ def test_failed_cell_is_recorded_and_the_grid_goes_on(tmp_path, ml100k_slice, ca
     assert runner.calls == [("GRU4Rec", "ml-100k-slice", 2)] and len(run.skipped) == 5
 
 
+def test_each_record_carries_the_command_that_reruns_its_cell(tmp_path, ml100k_slice):
+    import shlex
+
+    from recbole_ilora.overrides import parse_overrides
+
+    spec = fake_spec(tmp_path, ["iLoRA"], ml100k_slice)
+    spec.overrides.update(gate_sasrec={"epochs": 5, "hidden_size": 64}, topk=[1, 5], learning_rate=1.6e-3,
+                          score_fusion=True, gate_checkpoint=None, note="it's quoted")
+    record = run_grid(spec, runner=CountingRunner(fake_runner)).store.load()[0]
+    program, script, *arguments = shlex.split(record["command"])
+    assert (program, script) == ("python", "run_recbole_ilora.py")
+    assert arguments[:2] == ["--model=iLoRA", "--dataset=ml-100k-slice"]
+    # Read back as the command line reads it, the settings are exactly the cell's, types included.
+    assert parse_overrides(arguments[2:]) == {**record["overrides"], "seed": record["seed"]}
+
+
+def test_a_finished_cell_leaves_nothing_alive():
+    """The grid runs its cells in one process: what a cell built (a model in a reference cycle, as a Trainer and
+    its model are) is collected as the cell ends, not whenever the garbage collector gets to it."""
+    import gc
+    import weakref
+
+    import torch
+
+    from recbole_ilora.leaderboard.spec import Cell
+
+    models = []
+
+    def runner(**kwargs):
+        model = torch.nn.Linear(4, 4)
+        model.cycle = [model]  # only the cycle collector can free it
+        models.append(weakref.ref(model))
+        return fake_result(kwargs["model"], kwargs["config_dict"]["seed"])
+
+    gc.disable()  # no collection but the cell's own
+    try:
+        record = runner_module.run_cell(Cell("Pop", "ml-100k", 1, {}, [], "hash"), runner=runner)
+    finally:
+        gc.enable()
+    assert record["status"] == "ok" and models[0]() is None
+
+
 def test_truncated_last_line_is_ignored_and_its_cell_rerun(tmp_path, ml100k_slice, caplog):
     spec = fake_spec(tmp_path, ["Pop"], ml100k_slice)
     store = run_grid(spec, runner=CountingRunner(fake_runner)).store

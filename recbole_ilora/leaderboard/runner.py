@@ -14,8 +14,10 @@ has a record.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
+import shlex
 import time
 import traceback
 from dataclasses import dataclass
@@ -23,6 +25,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from recbole_ilora.config import Config
@@ -60,6 +63,7 @@ def run_cell(cell: Cell, runner: Runner = run_recbole_ilora, saved: bool = True)
         "config_hash": cell.config_hash,
         "overrides": cell.overrides,
         "config_files": cell.config_files,
+        "command": cell_command(cell),
     }
     if cell.run_model != cell.model:  # variants only: plain models' records stay as older results files have them
         record["run_model"] = cell.run_model
@@ -83,9 +87,29 @@ def run_cell(cell: Cell, runner: Runner = run_recbole_ilora, saved: bool = True)
             error=f"{type(error).__name__}: {error}",
             traceback="".join(traceback.format_exc(limit=-12)),
         )
+    finally:
+        release_device_memory()
     record["wall_time_s"] = time.perf_counter() - start
     record["timestamp"] = utc_timestamp()
     return record
+
+
+def cell_command(cell: Cell) -> str:
+    """The single-run command line that reruns ``cell`` outside the grid (same model, settings and seed)."""
+    arguments = [f"--model={cell.run_model}", f"--dataset={cell.dataset}"]
+    if cell.config_files:
+        arguments.append(f"--config_files={' '.join(cell.config_files)}")
+    # repr: the command line reads values back as Python literals (RecBole's rule), so every type round-trips.
+    arguments += [f"--{key}={value!r}" for key, value in dict(cell.overrides, seed=cell.seed).items()]
+    return " ".join(["python", "run_recbole_ilora.py", *map(shlex.quote, arguments)])
+
+
+def release_device_memory() -> None:
+    """Free what a finished cell left: its objects and the CUDA allocator's cache, which would otherwise stay
+    reserved by this process (the next cell's batch-size probe and other processes sharing the GPU need it)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def describe_protocol(cell: Cell, config_dict: dict) -> dict:
