@@ -331,11 +331,13 @@ def test_each_record_carries_the_command_that_reruns_its_cell(tmp_path, ml100k_s
 
     spec = fake_spec(tmp_path, ["iLoRA"], ml100k_slice)
     spec.overrides.update(gate_sasrec={"epochs": 5, "hidden_size": 64}, topk=[1, 5], learning_rate=1.6e-3,
-                          score_fusion=True, gate_checkpoint=None, note="it's quoted")
+                          score_fusion=True, gate_checkpoint=None, state="WARNING", note="it's quoted",
+                          number_as_text="1e-3", flag_as_text="true")
     record = run_grid(spec, runner=CountingRunner(fake_runner)).store.load()[0]
     program, script, *arguments = shlex.split(record["command"])
     assert (program, script) == ("python", "run_recbole_ilora.py")
     assert arguments[:2] == ["--model=iLoRA", "--dataset=ml-100k-slice"]
+    assert "--state=WARNING" in arguments  # plain where that reads back the same
     # Read back as the command line reads it, the settings are exactly the cell's, types included.
     assert parse_overrides(arguments[2:]) == {**record["overrides"], "seed": record["seed"]}
 

@@ -38,6 +38,7 @@ from recbole_ilora.leaderboard.store import (
     utc_timestamp,
 )
 from recbole_ilora.leaderboard.tuning import TuningResult
+from recbole_ilora.overrides import parse_overrides
 from recbole_ilora.quick_start import run_recbole_ilora
 
 logger = logging.getLogger(__name__)
@@ -99,9 +100,24 @@ def cell_command(cell: Cell) -> str:
     arguments = [f"--model={cell.run_model}", f"--dataset={cell.dataset}"]
     if cell.config_files:
         arguments.append(f"--config_files={' '.join(cell.config_files)}")
-    # repr: the command line reads values back as Python literals (RecBole's rule), so every type round-trips.
-    arguments += [f"--{key}={value!r}" for key, value in dict(cell.overrides, seed=cell.seed).items()]
-    return " ".join(["python", "run_recbole_ilora.py", *map(shlex.quote, arguments)])
+    arguments += [f"--{key}={command_line_value(value)}" for key, value in dict(cell.overrides, seed=cell.seed).items()]
+    return " ".join(["python", "run_recbole_ilora.py", *map(shell_quoted, arguments)])
+
+
+def shell_quoted(argument: str) -> str:
+    """``argument`` quoted for a POSIX shell, in double quotes where that is safe (Python literals hold single ones)."""
+    quoted = shlex.quote(argument)
+    if quoted == argument or any(char in argument for char in '"$`\\!'):
+        return quoted
+    return f'"{argument}"'
+
+
+def command_line_value(value) -> str:
+    """``value`` as the command line reads it back (RecBole's rule: a Python literal, else the text itself): a string
+    as it is where that reads back as the same string (``WARNING``, ``auto``), else its repr (``'1e-3'``)."""
+    if isinstance(value, str) and parse_overrides([f"--value={value}"])["value"] == value:
+        return value
+    return repr(value)
 
 
 def release_device_memory() -> None:
