@@ -237,6 +237,9 @@ def test_quality_grid_tunes_every_model_with_the_same_budget():
                    for model in ("TALLRec", "LLaRA", "iLoRA")]
     assert llm_budgets[0] == llm_budgets[1] == llm_budgets[2] and "auto" not in llm_budgets[0].values()
     assert "limit_train_batches" not in spec.cell_settings("iLoRA", "lastfm", 2020)
+    # A cell rerun alone from its record's command reproduces its metrics: GPU kernels chosen deterministic.
+    assert all(spec.cell_settings(model, dataset, 2021)["deterministic_algorithms"] is True
+               for model in ("TALLRec", "LLaRA", "iLoRA") for dataset in spec.datasets)
     assert len(spec.tuning_cells()) == 2 * 7 * 4  # datasets x models x trials (one tuning seed)
 
 
