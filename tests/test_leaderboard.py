@@ -944,6 +944,8 @@ def test_variants_are_tuned_by_row_name_with_the_same_budget(tmp_path, ml100k_sl
     ({VARIANT: {"model": "iLoRA", "overrides": [1]}}, None, r"`variants.iLoRA \+ listwise.overrides` must be a mapping"),
     ({VARIANT: "iLoRA"}, None, r"`variants.iLoRA \+ listwise` must be a mapping"),
     ([VARIANT], None, r"`variants` must map row names"),
+    ({}, ["SASRec", "SASrec"], r"Unknown model 'SASrec' \(`models`\).*Did you mean SASRec"),
+    ({}, ["iLoRA", "iLoRA + x"], r"Unknown model 'iLoRA \+ x' \(`models`\).*declared in `variants`"),
 ])
 def test_variant_mistakes_are_refused(variants, models, message):
     with pytest.raises(GridSpecError, match=message):

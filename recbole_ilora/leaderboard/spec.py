@@ -194,6 +194,13 @@ class GridSpec:
             _refuse_seed(overrides, f"{where}.overrides")
             variants[name] = {"model": model, "overrides": dict(overrides)}
         self.variants = variants
+        for row in self.models:  # every other row runs the model it names: a typo stops here, not cell by cell
+            if row not in variants:
+                try:
+                    check_model_name(row, source="`models`")
+                except SettingError as error:
+                    raise GridSpecError(f"{error} (A row that runs a model with other settings is declared in "
+                                        f"`variants`.)") from None
 
     def base_model(self, row: str) -> str:
         """The registered model a row runs: a variant's ``model``, else the row itself."""
