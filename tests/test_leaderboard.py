@@ -1012,6 +1012,11 @@ def test_a_variant_of_an_llm_model_is_an_llm_row_and_a_classical_variant_is_clas
     # The variant's fusion row holds its fused results.
     fused = [r["score_fusion"]["test_result"]["hit@1"] for r in run.store.load() if r["model"] == "LLaRA + user token"]
     assert board.mean(fusion, "ml-100k-slice", "HR@1") == pytest.approx(np.mean(fused))
+    # The JSON export says what each variant row runs.
+    grid = json.loads(to_json(board))["grid"]
+    assert grid["variants"] == {row: {"model": entry["model"], "overrides": entry["overrides"]}
+                                for row, entry in spec.variants.items()}
+    assert grid["variants"]["SASRec + h32"]["model"] == "SASRec"
 
 
 def parse_validation_csv(path) -> dict[tuple[str, str], float]:

@@ -200,7 +200,7 @@ def to_json(board: Leaderboard) -> str:
         "caption": caption(board, "plain"),
         "grid": {"models": board.models, "datasets": board.datasets, "seeds": board.seeds,
                  "metrics": board.metrics, "significance_test": board.test, "proposed": board.proposed,
-                 "baseline": board.baseline},
+                 "baseline": board.baseline, "variants": board.variants or {}},
         "protocols": board.protocols,
         "results": records(board.summary),
         "costs": records(board.costs),

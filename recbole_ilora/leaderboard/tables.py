@@ -69,6 +69,7 @@ class Leaderboard:
     tuning: pd.DataFrame = None  # model, dataset, <tuned settings>, valid_score, n_seeds, chosen (grids with `tune`)
     tuning_seeds: list[int] | None = None
     validation: pd.DataFrame = None  # model, dataset, metric, mean, std, n_seeds, seeds of best_valid_result
+    variants: dict = None  # row -> {model, overrides}: the rows that run a registered model with other settings
 
     def mean(self, model: str, dataset: str, metric: str) -> float:
         row = self.summary[(self.summary.model == model) & (self.summary.dataset == dataset) & (self.summary.metric == metric)]
@@ -100,6 +101,7 @@ def build_leaderboard(spec: GridSpec, records: list[dict], cli_overrides=None, c
         tuning=_tuning(spec.choose(records, cli_overrides, config_files).trials),
         tuning_seeds=spec.tune.seeds if spec.tune else None,
         validation=_summary(selected, metric_keys, result="best_valid_result"),
+        variants=dict(spec.variants),
     )
     board.significance = _significance(board, selected, metric_keys)
     board.improvements = _improvements(board)
