@@ -24,8 +24,8 @@ scoring run the same (compiled) decoder call. Nothing here turns gradients off: 
   LLM is switched to :data:`SDPA_OR_FLEX`, which runs FlexAttention for a ``BlockMask`` and SDPA for every
   other mask, so the LM loss and generation keep SDPA;
 - ``auto`` (default): flex on CUDA, dense elsewhere. On a CPU FlexAttention is inductor's C++ kernel, compiled
-  on first use, with no backward pass (the listwise loss), and hardly faster: a full ranking of 8 ml-100k users
-  with the tiny test LLM took 3.1 s against dense's 3.6 s.
+  on first use (seconds), with no backward pass (the listwise loss), and not much faster: a full ranking of 8
+  ml-100k users with the tiny test LLM took 2.6 and 3.1 s (two runs) against dense's 3.4 and 3.6 s.
 
 A candidate's score aggregates the log-probabilities of its answer tokens (``title + newline``),
 ``score_aggregation``:
