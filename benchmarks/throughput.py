@@ -16,7 +16,10 @@ Sections (``--sections``), each printed and written to ``--out`` (JSON) as soon 
   of greedy generation (the authors' protocol, ``--max_new_tokens``); the ratio of the two.
 - ``fullrank``: seconds to score every item for every ml-100k test user, and for a catalogue of ml-1m's
   size (``--synthetic_users`` x ``--synthetic_items`` titles cycled from ml-100k's, so token lengths are
-  realistic); ``--synthetic_measure_users`` users are scored and the total extrapolated linearly.
+  realistic); ``--synthetic_measure_users`` users are scored and the total extrapolated linearly. The scorer
+  applies its mask as ``score_attention`` says (``auto``: FlexAttention on CUDA, one copy of the prompt for the
+  whole catalogue; ``--settings='{"score_attention": "dense"}'`` for the dense packs); under flex, each row also
+  gives ``max_abs_diff_vs_dense``, its first batch of users scored again under the dense mask.
 - ``memory``: the largest training batch that fits (doubling from ``--batch_size`` until out of memory),
   eager iLoRA, with peak memory per batch size.
 
@@ -50,6 +53,7 @@ from recbole_ilora.llm import resolve_dtype  # noqa: E402
 from recbole_ilora.pipeline import build_model  # noqa: E402
 from recbole_ilora.prompt import ANSWER, PromptBuilder, candidate_counts, load_templates  # noqa: E402
 from recbole_ilora.sampling import training_candidates  # noqa: E402
+from recbole_ilora.scoring import DENSE_PACK_TOKENS  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -361,7 +365,8 @@ def bench_eval(overrides, args, train, test, device):
         model = build("iLoRA", overrides, args, train, compiled).eval()
         run = warm_up_and_time(model.predict, batches, device)
         scores[compiled] = torch.cat(run.pop("out"))
-        rows.append({"variant": f"uni19 packed scoring, {'compiled' if compiled else 'eager'}", "users": users,
+        rows.append({"variant": f"uni19 packed scoring, {'compiled' if compiled else 'eager'}",
+                     "attention": attention_used(model, device)["attention"], "users": users,
                      "users_per_s": users / run["seconds"], **run})
     if len(scores) == 2:
         rows[-1]["max_abs_diff_vs_eager"] = float((scores[True] - scores[False]).abs().max())
@@ -383,11 +388,25 @@ def user_rows(test, count=None):
     return users if count is None else users[torch.arange(count) % len(users)]
 
 
+def attention_used(model, device) -> dict:
+    """How the scorer applies its packing mask on ``device``, and how many candidate tokens follow a prompt copy."""
+    flex = model.scorer.uses_flex(device)
+    return {"attention": "flex" if flex else "dense",
+            "pack_tokens": model.scorer.pack_tokens or ("all" if flex else DENSE_PACK_TOKENS)}
+
+
 def rank_all(model, users, args, device) -> dict:
     n = len(users)
     chunks = [users[torch.arange(i, min(i + args.fullrank_batch_users, n))] for i in range(0, n, args.fullrank_batch_users)]
     run = warm_up_and_time(lambda c: model.full_sort_predict(c.to(device)), chunks, device)
-    run.pop("out")
+    scores = run.pop("out")
+    if model.scorer.uses_flex(device):  # the first batch again under the dense mask, the reference (not timed)
+        attention, model.scorer.attention = model.scorer.attention, "dense"
+        try:
+            dense = model.full_sort_predict(chunks[0].to(device))
+        finally:
+            model.scorer.attention = attention
+        run["max_abs_diff_vs_dense"] = float((scores[0][:, 1:] - dense[:, 1:]).abs().max())
     return run
 
 
@@ -399,8 +418,8 @@ def bench_fullrank(overrides, args, train, test, device):
     if args.fullrank_users:
         users = users[torch.arange(min(args.fullrank_users, len(users)))]
     mode = "compiled" if compiled else "eager"
-    rows = [{"variant": f"full ranking, {args.dataset} test users, {mode}", "users": len(users),
-             "items": model.n_items - 1, "extrapolated": False, **rank_all(model, users, args, device)}]
+    rows = [{"variant": f"full ranking, {args.dataset} test users, {mode}", **attention_used(model, device),
+             "users": len(users), "items": model.n_items - 1, "extrapolated": False, **rank_all(model, users, args, device)}]
     # ml-1m-sized catalogue: items 1..n are the real ones (real histories keep their titles and behavioural
     # tokens), the rest cycle real titles with a suffix; candidates are the whole synthetic catalogue.
     titles = model.prompt.titles[1:]
@@ -415,7 +434,7 @@ def bench_fullrank(overrides, args, train, test, device):
     measure = min(args.synthetic_users, args.synthetic_measure_users)
     run = rank_all(model, user_rows(test, measure), args, device)
     run["seconds"] *= args.synthetic_users / measure
-    rows.append({"variant": f"full ranking, ml-1m size, {mode}", "users": args.synthetic_users,
+    rows.append({"variant": f"full ranking, ml-1m size, {mode}", **attention_used(model, device), "users": args.synthetic_users,
                  "items": args.synthetic_items, "extrapolated": measure < args.synthetic_users,
                  "measured_users": measure, **run})
     return rows

@@ -41,7 +41,7 @@ CACHE_FILE = "batch-sizes.json"
 # What a step's memory depends on (besides the GPU): the cache key.
 SHAPE_KEYS = ("model", "dataset", "llm_path", "llm_dtype", "lora_rank", "lora_target_modules", "num_experts",
               "use_behaviour_tokens", "user_token", "max_history", "num_candidates", "max_title_tokens",
-              "score_pack_tokens", "eval_args", "effective_batch_size", "world_size")
+              "score_attention", "score_pack_tokens", "eval_args", "effective_batch_size", "world_size")
 
 
 def auto_keys(config) -> tuple[str, ...]:
@@ -182,7 +182,10 @@ def probe(model, train_data, test_data, memory, train_sizes, eval_users) -> Fitt
     @torch.no_grad()
     def score(rows):
         model.eval()
-        with torch.compiler.set_stance("force_eager"):
+        # FlexAttention has no eager kernel (its eager fallback holds every score of the sequence): under flex the
+        # probe scores as the evaluation will, compiled.
+        stance = "default" if model.scorer.uses_flex(device) else "force_eager"
+        with torch.compiler.set_stance(stance):
             (model.full_sort_predict if _ranks_everything(test_data) else model.predict)(rows.to(device))
 
     fitted_train = fitted_eval = train_peak = eval_peak = None

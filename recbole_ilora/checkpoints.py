@@ -25,9 +25,9 @@ RUNTIME_KEYS = frozenset({"model", "dataset", "device", "gpu_id", "use_gpu", "lo
                           "state"})
 
 # Settings that change how a trained model is evaluated, not the model: an evaluation may set them anew.
-EVALUATION_KEYS = frozenset({"score_aggregation", "ghost_token_threshold", "score_pack_tokens", "eval_batch_size",
-                             "eval_generate", "generate_max_new_tokens", "metrics", "topk", "valid_metric",
-                             "valid_metric_bigger", "metric_decimal_place", "compile", "data_path",
+EVALUATION_KEYS = frozenset({"score_aggregation", "ghost_token_threshold", "score_attention", "score_pack_tokens",
+                             "eval_batch_size", "eval_generate", "generate_max_new_tokens", "metrics", "topk",
+                             "valid_metric", "valid_metric_bigger", "metric_decimal_place", "compile", "data_path",
                              "score_fusion", "score_fusion_weights"})
 
 

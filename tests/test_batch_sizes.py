@@ -97,6 +97,24 @@ def test_the_listwise_loss_is_probed_apart_from_the_lm_loss(tiny_setup, tmp_path
     assert len(json.loads((tmp_path / CACHE_FILE).read_text())) == 2
 
 
+def test_under_flex_attention_the_probe_scores_as_the_evaluation_does(tiny_setup, tmp_path, monkeypatch):
+    """FlexAttention's eager fallback holds every score of a sequence, far more than its compiled kernel: under flex
+    the probe's scoring keeps torch.compile's stance (its training step stays eager), and its sizes are cached
+    apart from those of the dense mask."""
+    stances, set_stance = [], torch.compiler.set_stance
+    monkeypatch.setattr(torch.compiler, "set_stance", lambda stance, **kwargs: stances.append(stance) or
+                        set_stance(stance, **kwargs))
+    probed = {}
+    for attention in ("dense", "flex"):
+        model, config, train, test = _probe_setup(tiny_setup, tmp_path, score_attention=attention)
+        memory, stances[:] = SimulatedMemory(model), []
+        fit_batch_sizes_to_device(config, model, train, test, config.auto_batch_sizes, memory=memory)
+        probed[attention] = {(kind, stance) for (kind, _), stance in zip(memory.calls, stances, strict=True)}
+    assert probed["dense"] == {("train", "force_eager"), ("eval", "force_eager")}
+    assert probed["flex"] == {("train", "force_eager"), ("eval", "default")}
+    assert len(json.loads((tmp_path / CACHE_FILE).read_text())) == 2
+
+
 def test_out_of_memory_moves_to_the_next_size_and_nothing_fitting_says_what_to_do(tiny_setup, tmp_path):
     model, config, train, test = _probe_setup(tiny_setup, tmp_path / "a")
     memory = SimulatedMemory(model, train_gib_per_row=0.01, out_of_memory_above=32)

@@ -70,8 +70,10 @@ def assert_compiled_equals_eager_and_settles(model, score, warmup, later) -> Com
     return counter
 
 
-def test_compiled_predict_equals_eager_and_stops_compiling(model, data):
+@pytest.mark.parametrize("attention", ["dense", "flex"])
+def test_compiled_predict_equals_eager_and_stops_compiling(model, data, attention):
     batches = uni19_batches(data[3], 8)
+    model.scorer.attention = attention
     model.eval()
     with torch.no_grad():
         widths = {model.encode(b[torch.arange(0, len(b), 20)], b["item_id"].view(-1, 20)).prompts.input_ids.shape[1]
@@ -84,9 +86,12 @@ def test_compiled_predict_equals_eager_and_stops_compiling(model, data):
     assert counter.frame_count <= 5
 
 
-def test_compiled_full_sort_predict_equals_eager_and_stops_compiling(model, data):
+@pytest.mark.parametrize("attention", ["dense", "flex"])
+def test_compiled_full_sort_predict_equals_eager_and_stops_compiling(model, data, attention):
     users = [b[torch.arange(0, len(b), 20)] for b in uni19_batches(data[3], 6)]
-    model.scorer.pack_tokens = 64  # many packs of different widths per batch
+    # many packs of different widths per batch (fewer under flex, whose calls cost more on a CPU)
+    model.scorer.pack_tokens = {"dense": 64, "flex": 256}[attention]
+    model.scorer.attention = attention
     model.eval()
     with torch.no_grad():
         counter = assert_compiled_equals_eager_and_settles(model, model.full_sort_predict, users[:3], users[3:])

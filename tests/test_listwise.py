@@ -63,6 +63,29 @@ def test_listwise_loss_and_gradients_equal_the_naive_computation(tiny_setup, lm_
         assert (gradient - naive[name]).norm() <= 1e-4 * naive[name].norm(), name
 
 
+@pytest.mark.parametrize("lm_loss_weight", [0.0, 1.0])
+def test_listwise_loss_and_gradients_under_flex_attention_equal_dense(tiny_setup, monkeypatch, lm_loss_weight):
+    """PyTorch refuses FlexAttention's backward pass on a CPU (inductor has no CPU kernel for it), but its eager
+    reference implementation has one: with that check lifted and torch.compile's stance eager, the flex scorer's
+    loss and gradients equal those of the dense mask (tested above against the naive computation)."""
+    monkeypatch.setattr(torch.nn.attention.flex_attention, "_validate_device", lambda *tensors: None)
+    model, interaction, candidates, template = listwise_model(tiny_setup, lm_loss_weight=lm_loss_weight,
+                                                              listwise_loss_weight=1.0, score_attention="flex")
+
+    def loss_and_gradients():
+        loss = model.training_losses(interaction, candidates, template, with_behaviour=True).listwise_loss
+        return loss, trainable_gradients(model, loss)
+
+    with torch.compiler.set_stance("force_eager"):
+        flex, flex_gradients = loss_and_gradients()
+    model.scorer.attention = "dense"
+    dense, dense_gradients = loss_and_gradients()
+    torch.testing.assert_close(flex, dense, atol=1e-5, rtol=1e-6)
+    for name, gradient in flex_gradients.items():
+        assert gradient is not None and gradient.abs().sum() > 0, name
+        assert (gradient - dense_gradients[name]).norm() <= 1e-4 * dense_gradients[name].norm(), name  # fp32, as above
+
+
 def test_off_by_default_the_loss_is_the_lm_loss_and_the_scorer_never_runs(tiny_setup, monkeypatch):
     model, interaction, candidates, template = listwise_model(tiny_setup)
     assert (model.lm_loss_weight, model.listwise_loss_weight) == (1.0, 0.0)

@@ -1,4 +1,6 @@
-"""Candidate scoring: packed prefix-cached scores equal plain per-candidate likelihoods, for every aggregation."""
+"""Candidate scoring: packed prefix-cached scores equal plain per-candidate likelihoods, for every aggregation, under
+both ways of applying the packing mask (dense SDPA, the reference, and FlexAttention's block mask; on the CPU the
+latter runs inductor's CPU kernel, compiled on first use)."""
 
 from __future__ import annotations
 
@@ -6,9 +8,14 @@ import math
 
 import pytest
 import torch
+from torch.nn.attention.flex_attention import create_block_mask, create_mask
 
-from recbole_ilora.scoring import SCORE_AGGREGATIONS, PackedScorer, display_order, group_candidate_rows
+from recbole_ilora import scoring
+from recbole_ilora.scoring import (FLEX_BLOCK_TOKENS, SCORE_AGGREGATIONS, SDPA_OR_FLEX, PackedScorer, dense_mask,
+                                   display_order, flex_block_mask, group_candidate_rows)
 from tests.helpers import first_batch, make_tiny_model, randomize_lora_b
+
+ATTENTIONS = ("dense", "flex")
 
 
 def shown_candidates(model, interaction):
@@ -32,11 +39,12 @@ def reference_token_log_probs(model, interaction, group: int, slot: int) -> torc
     return torch.log_softmax(logits.float(), -1).gather(1, answer[:, None])[:, 0]
 
 
+@pytest.mark.parametrize("attention", ATTENTIONS)
 @pytest.mark.parametrize("aggregation, user_token", [(a, False) for a in SCORE_AGGREGATIONS] + [("sum", True)])
-def test_packed_scores_equal_each_candidate_scored_alone(tiny_setup, aggregation, user_token):
+def test_packed_scores_equal_each_candidate_scored_alone(tiny_setup, aggregation, user_token, attention):
     # d3 with a threshold that some tokens of the random model do cross, so both branches are exercised.
     model, _ = make_tiny_model(tiny_setup, score_aggregation=aggregation, ghost_token_threshold=0.01,
-                               user_token=user_token)
+                               user_token=user_token, score_attention=attention)
     randomize_lora_b(model)
     model.eval()
     interaction = first_batch(tiny_setup[4])
@@ -63,7 +71,7 @@ def test_aggregations_on_crafted_log_probs():
     log_probs = torch.tensor([-1.0, -2.0, -0.01, -3.0])
     slot = torch.tensor([0, 0, 0, 1])
     offset = torch.tensor([0, 1, 2, 0])
-    scorer = PackedScorer(None, None, aggregation="mean")
+    scorer = PackedScorer(None, None, aggregation="mean", attention="dense")
     results = {}
     for aggregation in SCORE_AGGREGATIONS:
         scorer.aggregation = aggregation
@@ -101,7 +109,8 @@ def test_display_order_is_not_positive_first_and_ignores_row_order(tiny_setup):
     assert torch.equal(shown, shown_flipped)  # the same list whatever order RecBole's rows came in
 
 
-def test_a_two_token_end_marker_is_scored_at_contiguous_positions(tiny_setup, monkeypatch):
+@pytest.mark.parametrize("attention", ATTENTIONS)
+def test_a_two_token_end_marker_is_scored_at_contiguous_positions(tiny_setup, monkeypatch, attention):
     """Llama-2's tokenizer writes the answer's closing newline as two tokens. Packed scoring must give them the
     positions they have after the candidate's own prompt, not positions gapped by the title slot's padding."""
     from tokenizers import normalizers
@@ -116,7 +125,7 @@ def test_a_two_token_end_marker_is_scored_at_contiguous_positions(tiny_setup, mo
         return tokenizer
 
     monkeypatch.setattr(llm, "build_tiny_tokenizer", crlf_tokenizer)
-    model, _ = make_tiny_model(tiny_setup)
+    model, _ = make_tiny_model(tiny_setup, score_attention=attention)
     assert model.prompt.answer_end_ids.numel() == 2
     randomize_lora_b(model)
     model.eval()
@@ -128,3 +137,112 @@ def test_a_two_token_end_marker_is_scored_at_contiguous_positions(tiny_setup, mo
             row = int(torch.nonzero((groups.row_group == group) & (groups.row_slot == slot))[0])
             expected = reference_token_log_probs(model, interaction, group, slot).sum()
             torch.testing.assert_close(packed[row], expected, atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------- flex = dense
+def random_packs(generator, groups=3):
+    """A pack as :class:`PackedScorer` lays it out, of random sizes: right-padded prompts of different lengths, and
+    candidates of 1-11 tokens (a fifth of the slots absent) compacted to the front, padding after."""
+    prompt_width = int(torch.randint(5, 300, (), generator=generator))
+    lengths = torch.randint(1, prompt_width + 1, (groups,), generator=generator)
+    prompt_mask = torch.arange(prompt_width) < lengths[:, None]
+    slots = int(torch.randint(1, 60, (), generator=generator))
+    present = torch.rand(groups, slots, generator=generator) > 0.2
+    tokens = torch.randint(1, 12, (groups, slots), generator=generator) * present
+    width = int(tokens.sum(1).max())
+    segment = torch.full((groups, width), -1)
+    offset = torch.zeros(groups, width, dtype=torch.long)
+    for group in range(groups):
+        count = int(tokens[group].sum())
+        segment[group, :count] = torch.arange(slots).repeat_interleave(tokens[group])
+        offset[group, :count] = torch.cat([torch.arange(int(t)) for t in tokens[group]])
+    return prompt_mask, segment, offset
+
+
+def test_the_flex_block_mask_is_the_dense_mask():
+    """Token by token, the block mask's mask function is the dense mask; its blocks are those create_block_mask finds
+    by evaluating it everywhere, and the blocks it calls full (no mask function applied) are full."""
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        prompt_mask, segment, offset = random_packs(generator)
+        groups, length = segment.shape[0], prompt_mask.shape[1] + segment.shape[1]
+        dense = dense_mask(prompt_mask, segment)
+        block_mask = flex_block_mask(prompt_mask, segment, offset)
+        assert torch.equal(create_mask(block_mask.mask_mod, groups, 1, length, length, device="cpu"), dense)
+        evaluated = create_block_mask(block_mask.mask_mod, groups, None, length, length, device="cpu")
+        assert torch.equal(block_mask.to_dense(), evaluated.to_dense())
+        blocks = block_mask.to_dense().shape[-1]
+        padded = torch.nn.functional.pad(dense, (0, blocks * FLEX_BLOCK_TOKENS - length) * 2, value=True)
+        per_block = padded.view(groups, blocks, FLEX_BLOCK_TOKENS, blocks, FLEX_BLOCK_TOKENS).all(4).all(2)
+        full = torch.zeros(groups, blocks, blocks, dtype=torch.bool)
+        for group, query_block in torch.cartesian_prod(torch.arange(groups), torch.arange(blocks)).tolist():
+            count = int(block_mask.full_kv_num_blocks[group, 0, query_block])
+            full[group, query_block, block_mask.full_kv_indices[group, 0, query_block, :count].long()] = True
+        assert not (full & ~per_block).any()  # rows past the sequence (the last block's padding) aside
+
+
+def unin_batch_with_absent_slots(model, loader):
+    """The first test batch without some rows of every other user: uniN groups of fewer candidates than the widest
+    (``present`` false slots), of titles and prompts of different lengths."""
+    interaction = first_batch(loader)
+    users, slot = interaction["user_id"], group_candidate_rows(interaction["user_id"], interaction["item_id_list"],
+                                                               interaction["item_id"]).row_slot
+    first_of_user = torch.cat([torch.tensor([True]), users[1:] != users[:-1]])
+    odd_user = (torch.cumsum(first_of_user.long(), 0) - 1) % 2 == 1
+    interaction = interaction[torch.nonzero(~(odd_user & (slot % 3 == 2))).squeeze(1)]
+    groups, shown, present = shown_candidates(model, interaction)
+    assert not present.all() and present.sum(1).min() > 1
+    assert len(torch.unique(model.prompt.title_len[shown[present]])) > 3
+    assert len(torch.unique(model.encode(interaction[groups.first_row], shown, present).prompts.lengths)) > 1
+    return interaction
+
+
+@pytest.mark.parametrize("aggregation", SCORE_AGGREGATIONS)
+def test_flex_scores_equal_dense_scores(tiny_setup, aggregation):
+    """uniN groups with absent slots, and a full ranking in one pack (flex's default) and in several (dense's)."""
+    model, _ = make_tiny_model(tiny_setup, score_aggregation=aggregation, ghost_token_threshold=0.01,
+                               score_attention="flex")
+    randomize_lora_b(model)
+    model.eval()
+    interaction = unin_batch_with_absent_slots(model, tiny_setup[4])
+    users = first_batch(tiny_setup[4])
+    users = users[torch.nonzero(torch.diff(users["user_id"], prepend=users["user_id"][:1] - 1)).squeeze(1)]
+    with torch.no_grad():
+        flex, flex_ranking = model.predict(interaction), model.full_sort_predict(users)
+        model.scorer.pack_tokens = 300
+        flex_ranking_in_packs = model.full_sort_predict(users)
+        model.scorer.attention, model.scorer.pack_tokens = "dense", None
+        dense, dense_ranking = model.predict(interaction), model.full_sort_predict(users)
+    torch.testing.assert_close(flex, dense, atol=1e-4, rtol=1e-4)
+    for ranking in (flex_ranking, flex_ranking_in_packs):
+        torch.testing.assert_close(ranking[:, 1:], dense_ranking[:, 1:], atol=1e-4, rtol=1e-4)
+
+
+def test_flex_runs_for_the_scorer_only(tiny_setup, monkeypatch):
+    """Under flex the scorer's calls go through FlexAttention and the LM loss's through SDPA, in one model; auto is
+    flex on CUDA only; dense leaves the LLM's attention as it was loaded."""
+    calls = []
+
+    def counted(name):
+        function = getattr(scoring, name)
+        return lambda *args, **kwargs: calls.append(name) or function(*args, **kwargs)
+
+    for name in ("flex_attention_forward", "sdpa_attention_forward"):
+        monkeypatch.setattr(scoring, name, counted(name))
+    model, _ = make_tiny_model(tiny_setup, score_attention="flex", curriculum=False)
+    assert model.adapter.model.config._attn_implementation == SDPA_OR_FLEX
+    with torch.no_grad():
+        model.eval()
+        model.predict(first_batch(tiny_setup[4]))
+        assert set(calls) == {"flex_attention_forward"}
+        calls.clear()
+        model.train()
+        model.calculate_loss(first_batch(tiny_setup[2]))
+        assert set(calls) == {"sdpa_attention_forward"}
+    model.scorer.attention = "auto"
+    assert model.scorer.uses_flex(torch.device("cuda")) and not model.scorer.uses_flex(torch.device("cpu"))
+    dense, _ = make_tiny_model(tiny_setup, score_attention="dense")
+    assert dense.adapter.model.config._attn_implementation == "sdpa"
+    assert not dense.scorer.uses_flex(torch.device("cuda"))
+    with pytest.raises(ValueError, match="score_attention"):
+        PackedScorer(None, None, attention="sparse")

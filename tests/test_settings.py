@@ -18,6 +18,8 @@ BAD_SETTINGS = [
     (["--train_batch_size=0"], ["train_batch_size=0", "x >= 1"]),
     (["--llm_path=/nonexistent"], ["llm_path='/nonexistent'", "does not exist", "smollm2-135m"]),
     (["--score_aggregation=foo"], ["score_aggregation='foo'", "sum, mean, first, d3"]),
+    (["--score_attention=sparse"], ["score_attention='sparse'", "auto, flex, dense", "--score_attention='auto'"]),
+    (["--score_pack_tokens=0"], ["score_pack_tokens=0", "x >= 1", "leave score_pack_tokens unset"]),
     (["--lora_dropout=1.5"], ["lora_dropout=1.5", "0 <= x < 1"]),
     (["--eval_args={'mode': 'ful'}"], ["eval_args={'mode': 'ful'}", "did you mean 'full'"]),
     (["--limit_train_batches=-1"], ["limit_train_batches=-1", "x >= 1", "leave limit_train_batches unset"]),

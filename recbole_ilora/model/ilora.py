@@ -127,7 +127,7 @@ class iLoRA(SequentialRecommender):
         self.prompt = PromptBuilder(tokenizer, titles, templates, candidate_counts(config), config["max_title_tokens"],
                                     pad_to_multiple_of=config["pad_to_multiple_of"])
         self.scorer = PackedScorer(self.adapter, self.prompt, config["score_pack_tokens"], config["score_aggregation"],
-                                   config["ghost_token_threshold"])
+                                   config["ghost_token_threshold"], config["score_attention"])
         # score_fusion (recbole_ilora.score_fusion), set by the quick start after training: the weight of SASRec's
         # scores (None: the LLM's alone) and the replay of the LLM's scores across the passes that choose it.
         self.score_fusion_weight = None
