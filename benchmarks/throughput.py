@@ -366,7 +366,7 @@ def bench_eval(overrides, args, train, test, device):
         run = warm_up_and_time(model.predict, batches, device)
         scores[compiled] = torch.cat(run.pop("out"))
         rows.append({"variant": f"uni19 packed scoring, {'compiled' if compiled else 'eager'}",
-                     "attention": attention_used(model, device)["attention"], "users": users,
+                     "attention": attention_used(model, device, many_candidates=False)["attention"], "users": users,
                      "users_per_s": users / run["seconds"], **run})
     if len(scores) == 2:
         rows[-1]["max_abs_diff_vs_eager"] = float((scores[True] - scores[False]).abs().max())
@@ -388,9 +388,10 @@ def user_rows(test, count=None):
     return users if count is None else users[torch.arange(count) % len(users)]
 
 
-def attention_used(model, device) -> dict:
-    """How the scorer applies its packing mask on ``device``, and how many candidate tokens follow a prompt copy."""
-    flex = model.scorer.uses_flex(device)
+def attention_used(model, device, many_candidates: bool = True) -> dict:
+    """How the scorer applies its packing mask on ``device`` (to a full ranking's candidates, or to a uniN list:
+    ``many_candidates`` False), and how many candidate tokens follow a prompt copy."""
+    flex = model.scorer.uses_flex(device, many_candidates)
     return {"attention": "flex" if flex else "dense",
             "pack_tokens": model.scorer.pack_tokens or ("all" if flex else DENSE_PACK_TOKENS)}
 

@@ -184,7 +184,7 @@ def probe(model, train_data, test_data, memory, train_sizes, eval_users) -> Fitt
         model.eval()
         # FlexAttention has no eager kernel (its eager fallback holds every score of the sequence): under flex the
         # probe scores as the evaluation will, compiled.
-        stance = "default" if model.scorer.uses_flex(device) else "force_eager"
+        stance = "default" if model.scorer.uses_flex(device, many_candidates=_ranks_everything(test_data)) else "force_eager"
         with torch.compiler.set_stance(stance):
             (model.full_sort_predict if _ranks_everything(test_data) else model.predict)(rows.to(device))
 

@@ -23,7 +23,9 @@ scoring run the same (compiled) decoder call. Nothing here turns gradients off: 
   pack or several, compiled layers, and the listwise loss's gradients). Only the scorer's calls use it: the
   LLM is switched to :data:`SDPA_OR_FLEX`, which runs FlexAttention for a ``BlockMask`` and SDPA for every
   other mask, so the LM loss and generation keep SDPA;
-- ``auto`` (default): flex on CUDA, dense elsewhere. On a CPU FlexAttention is inductor's C++ kernel, compiled
+- ``auto`` (default): flex on CUDA for candidate lists longer than one dense pack (full rankings), dense for the
+  rest (uniN lists and the listwise loss: one short pack each, where the dense mask is cheap and its scores are
+  those of every earlier run) and everywhere on a CPU. On a CPU FlexAttention is inductor's C++ kernel, compiled
   on first use (seconds), with no backward pass (the listwise loss), and not much faster: a full ranking of 8
   ml-100k users with the tiny test LLM took 2.6 and 3.1 s (two runs) against dense's 3.4 and 3.6 s.
 
@@ -217,10 +219,12 @@ class PackedScorer:
                              f"{type(lm.model).__name__} runs {lm.model.config._attn_implementation!r}. Use "
                              f"score_attention: dense.")
 
-    def uses_flex(self, device: torch.device) -> bool:
-        """Whether calls on ``device`` apply the mask through FlexAttention (``auto``: on CUDA)."""
+    def uses_flex(self, device: torch.device, many_candidates: bool = True) -> bool:
+        """Whether calls on ``device`` apply the mask through FlexAttention. ``auto``: on CUDA, for candidate lists
+        longer than one dense pack (full rankings, where it pays); uniN lists and the listwise loss, one short pack
+        each, keep the dense reference, so their scores stay those of earlier runs bit for bit."""
         if self.attention == "auto":
-            return self.flex_supported and device.type == "cuda"
+            return self.flex_supported and device.type == "cuda" and many_candidates
         return self.attention == "flex"
 
     def __call__(self, encoded, items: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
@@ -228,9 +232,9 @@ class PackedScorer:
         ``encoded`` (:class:`~recbole_ilora.model.ilora.EncodedPrompts`)."""
         prompts, input_embeds, gate_input = encoded.prompts, encoded.inputs_embeds, encoded.gate_input
         groups, slots = items.shape
-        flex = self.uses_flex(items.device)
-        pack_tokens = self.pack_tokens or (None if flex else DENSE_PACK_TOKENS)
         per_item = int(self.prompt.title_len[items].max()) + self.prompt.answer_end_ids.numel()
+        flex = self.uses_flex(items.device, many_candidates=slots * per_item > DENSE_PACK_TOKENS)
+        pack_tokens = self.pack_tokens or (None if flex else DENSE_PACK_TOKENS)
         chunk = slots if pack_tokens is None else max(1, pack_tokens // per_item)
         ids, valid = self.prompt.answer_tokens(items.reshape(-1))
         ids, valid = ids.view(groups, slots, -1), valid.view(groups, slots, -1) & present[..., None]

@@ -241,6 +241,9 @@ def test_flex_runs_for_the_scorer_only(tiny_setup, monkeypatch):
         assert set(calls) == {"sdpa_attention_forward"}
     model.scorer.attention = "auto"
     assert model.scorer.uses_flex(torch.device("cuda")) and not model.scorer.uses_flex(torch.device("cpu"))
+    assert not model.scorer.uses_flex(torch.device("cuda"), many_candidates=False)  # uniN stays dense under auto
+    model.scorer.attention = "flex"
+    assert model.scorer.uses_flex(torch.device("cuda"), many_candidates=False)
     dense, _ = make_tiny_model(tiny_setup, score_attention="dense")
     assert dense.adapter.model.config._attn_implementation == "sdpa"
     assert not dense.scorer.uses_flex(torch.device("cuda"))
