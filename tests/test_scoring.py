@@ -13,7 +13,7 @@ from torch.nn.attention.flex_attention import create_block_mask, create_mask
 from recbole_ilora import scoring
 from recbole_ilora.scoring import (FLEX_BLOCK_TOKENS, SCORE_AGGREGATIONS, SDPA_OR_FLEX, PackedScorer, dense_mask,
                                    display_order, flex_block_mask, group_candidate_rows)
-from tests.helpers import first_batch, make_tiny_model, randomize_lora_b
+from tests.helpers import first_batch, first_training_batch, make_tiny_model, randomize_lora_b
 
 ATTENTIONS = ("dense", "flex")
 
@@ -249,3 +249,26 @@ def test_flex_runs_for_the_scorer_only(tiny_setup, monkeypatch):
     assert not dense.scorer.uses_flex(torch.device("cuda"))
     with pytest.raises(ValueError, match="score_attention"):
         PackedScorer(None, None, attention="sparse")
+
+
+def test_the_lm_loss_and_its_gradients_are_bitwise_those_of_plain_sdpa(tiny_setup):
+    """Switching the LLM to sdpa_or_flex (what flex and auto do) leaves training exactly as it was under SDPA."""
+    batch = None
+
+    def loss_and_gradients(attention):
+        nonlocal batch
+        model, _ = make_tiny_model(tiny_setup, score_attention=attention)
+        randomize_lora_b(model)
+        model.eval()  # no dropout: the comparison is of the attention alone
+        batch = batch or first_training_batch(model, tiny_setup[2])
+        loss = model.training_losses(*batch, with_behaviour=True).loss
+        loss.backward()
+        return model.adapter.model.config._attn_implementation, loss.detach(), [
+            parameter.grad.clone() for parameter in model.parameters() if parameter.grad is not None]
+
+    dense = loss_and_gradients("dense")
+    for attention in ("auto", "flex"):
+        implementation, loss, gradients = loss_and_gradients(attention)
+        assert (dense[0], implementation) == ("sdpa", SDPA_OR_FLEX)
+        assert torch.equal(loss, dense[1]) and len(gradients) == len(dense[2]) > 0
+        assert all(torch.equal(a, b) for a, b in zip(gradients, dense[2]))
