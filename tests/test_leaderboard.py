@@ -23,7 +23,7 @@ from scipy import stats
 
 from recbole_ilora.cli import main as cli_main
 from recbole_ilora.leaderboard import runner as runner_module
-from recbole_ilora.leaderboard.exports import export_tables, to_json, to_markdown
+from recbole_ilora.leaderboard.exports import export_leaderboard, export_tables, to_json, to_markdown
 from recbole_ilora.leaderboard.jobs import shard_argv
 from recbole_ilora.leaderboard.plot import plot_leaderboard
 from recbole_ilora.leaderboard.runner import run_grid, run_leaderboard
@@ -776,6 +776,54 @@ def fake_runner_with_fusion(**kwargs):
                                   "best_valid_result": {"ndcg@5": 0.2}, "test_result": fused["test_result"],
                                   "test_per_user": fused["test_per_user"], "eval_time_s": 0.25}
     return result
+
+
+def fake_runner_with_curves(**kwargs):
+    """LLM results with a learning curve of 3 epochs (values known from model, seed and epoch) and a fusion section."""
+    result = fake_runner_with_fusion(**kwargs)
+    seed = kwargs["config_dict"]["seed"]
+    if kwargs["model"] in ("iLoRA", "LLaRA"):
+        offset = 0.1 if kwargs["model"] == "iLoRA" else 0.0
+        result["learning_curve"] = [
+            {"epoch": epoch, "optimizer_steps": 10 * epoch, "valid_score": 0.1 * epoch,
+             "test_result": {"hit@1": offset + 0.1 * epoch + 0.01 * seed, "ndcg@5": offset + 0.2 * epoch,
+                             "hit@5": 0.9}}
+            for epoch in (1, 2, 3)]
+    return result
+
+
+def test_learning_curves_are_exported_per_epoch_as_means_over_seeds(tmp_path, ml100k_slice):
+    spec = fake_spec(tmp_path, ["SASRec", "iLoRA", "LLaRA"], ml100k_slice)
+    spec.proposed = "iLoRA"
+    run = run_grid(spec, runner=CountingRunner(fake_runner_with_curves))
+    board = build_leaderboard(spec, run.store.load())
+    curves = board.curves.set_index(["model", "epoch", "metric"])
+    # Seeds 1 and 2: HR@1 = offset + 0.1 epoch + 0.01 seed, so the mean has 0.015 and the std is that of (0.01, 0.02).
+    assert curves.loc[("iLoRA", 2, "HR@1"), "mean"] == pytest.approx(0.1 + 0.2 + 0.015)
+    assert curves.loc[("iLoRA", 2, "HR@1"), "std"] == pytest.approx(np.std([0.01, 0.02], ddof=1))
+    assert curves.loc[("LLaRA", 3, "NDCG@5"), "mean"] == pytest.approx(0.6)
+    assert curves.loc[("LLaRA", 3, "NDCG@5"), "optimizer_steps"] == 30
+    # HR@1 and NDCG@5 only; no curve for SASRec (none recorded) nor for the fusion row (its weight comes after training).
+    assert set(board.curves.metric) == {"HR@1", "NDCG@5"}
+    assert set(board.curves.model) == {"iLoRA", "LLaRA"} and len(board.curves) == 2 * 3 * 2
+
+    paths = export_leaderboard(spec, run.store, tmp_path / "exports")
+    markdown = paths["curves_markdown"].read_text()
+    assert "| ml-100k-slice, epoch 2 |" in markdown and "iLoRA HR@1" in markdown and "SASRec" not in markdown
+    row = next(line for line in markdown.splitlines() if line.startswith("| ml-100k-slice, epoch 2"))
+    assert f"{0.315:.4f} ± {np.std([0.01, 0.02], ddof=1):.4f}" in row
+    assert pd.read_csv(paths["curves_csv"]).shape == (12, 8)
+    assert paths["curves_png"].stat().st_size > 10_000
+    assert len(json.loads(paths["json"].read_text())["learning_curves"]) == 12
+
+
+def test_a_grid_without_curves_writes_no_curve_files(tmp_path, ml100k_slice):
+    spec = fake_spec(tmp_path, ["SASRec", "iLoRA"], ml100k_slice)
+    spec.proposed = "iLoRA"
+    run = run_grid(spec, runner=CountingRunner(fake_runner_with_fusion))
+    paths = export_leaderboard(spec, run.store, tmp_path / "exports")
+    assert not {"curves_markdown", "curves_csv", "curves_png"} & set(paths)
+    assert not (tmp_path / "exports" / "learning_curves.md").exists()
 
 
 def test_a_score_fusion_section_adds_a_derived_row_after_its_model(tmp_path, ml100k_slice):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from recbole_ilora.leaderboard.plot import plot_leaderboard
+from recbole_ilora.leaderboard.plot import plot_leaderboard, plot_learning_curves
 from recbole_ilora.leaderboard.spec import GridSpec
 from recbole_ilora.leaderboard.store import ResultsStore
 from recbole_ilora.leaderboard.tables import (
@@ -51,6 +51,8 @@ def export_leaderboard(
     output_dir = Path(output_dir or spec.results_dir(cli_overrides))
     paths = export_tables(board, output_dir)
     paths["png"] = plot_leaderboard(board, output_dir / "leaderboard.png")
+    if not board.curves.empty:  # runs with learning_curve: true
+        paths["curves_png"] = plot_learning_curves(board, output_dir / "learning_curves.png")
     print("Leaderboard written:\n" + "\n".join(f"  {fmt:8s} {path}" for fmt, path in paths.items()))
     return paths
 
@@ -209,6 +211,7 @@ def to_json(board: Leaderboard) -> str:
         "missing": records(board.missing),
         "tuning": records(board.tuning) if board.tuning is not None else [],
         "validation": records(board.validation) if board.validation is not None else [],
+        "learning_curves": records(board.curves) if board.curves is not None else [],
     }
     return json.dumps(document, indent=2, ensure_ascii=False)
 
@@ -228,4 +231,33 @@ def export_tables(board: Leaderboard, output_dir: str | Path) -> dict[str, Path]
     paths["json"].write_text(to_json(board), encoding="utf-8")
     paths["validation_markdown"].write_text(validation_markdown(board), encoding="utf-8")
     flat_columns(validation_table(board, "plain")).to_csv(paths["validation_csv"], encoding="utf-8")
+    if board.curves is not None and not board.curves.empty:
+        paths["curves_markdown"] = output_dir / "learning_curves.md"
+        paths["curves_csv"] = output_dir / "learning_curves.csv"
+        paths["curves_markdown"].write_text(learning_curves_markdown(board), encoding="utf-8")
+        board.curves.to_csv(paths["curves_csv"], index=False, encoding="utf-8")
     return paths
+
+
+def learning_curves_markdown(board: Leaderboard) -> str:
+    """One row per (dataset, epoch), one column per (model, metric): mean ± std over seeds of the test metrics after
+    each epoch's validation."""
+    curves = board.curves
+    cells = curves.assign(value=[_mean_std(row.mean, row.std, row.n_seeds) for row in curves.itertuples()])
+    models = [model for model in board.models if model in set(curves.model)]
+    metrics = [metric for metric in board.metrics if metric in set(curves.metric)]
+    table = cells.pivot_table(index=["dataset", "epoch"], columns=["model", "metric"], values="value", aggfunc="first",
+                              sort=False).reindex(columns=pd.MultiIndex.from_product([models, metrics]))
+    table = table.reindex([(d, e) for d in board.datasets for e in sorted(set(curves.epoch)) if (d, e) in table.index])
+    table.columns = [f"{model} {metric}" for model, metric in table.columns]
+    table.index = [f"{dataset}, epoch {epoch}" for dataset, epoch in table.index]
+    seeds = ", ".join(map(str, board.seeds))
+    text = (f"**Learning curves.** Test {', '.join(metrics)} after each epoch (the run's validation at that epoch; "
+            f"model selection stays on validation): mean ± sample standard deviation over the seeds ({seeds}) that "
+            f"recorded a curve (fusion rows have none: their weight is chosen once, after training).\n\n"
+            f"{table.fillna('—').to_markdown(disable_numparse=True)}\n")
+    return text
+
+
+def _mean_std(mean: float, std: float, n_seeds: int) -> str:
+    return f"{mean:.4f}" if n_seeds < 2 or pd.isna(std) else f"{mean:.4f} ± {std:.4f}"

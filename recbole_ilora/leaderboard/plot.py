@@ -63,6 +63,46 @@ def plot_leaderboard(board: Leaderboard, path: str | Path) -> Path:
     return path
 
 
+def plot_learning_curves(board: Leaderboard, path: str | Path) -> Path:
+    """Save the learning curves of ``board`` (test metrics after every epoch; one panel per dataset and metric, a line
+    per model, mean ± std over seeds shaded) to ``path`` (PNG) and return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    curves = board.curves
+    datasets = [dataset for dataset in board.datasets if dataset in set(curves.dataset)]
+    metrics = [metric for metric in board.metrics if metric in set(curves.metric)]
+    figure = Figure(figsize=(3.6 * len(metrics) + 2.4, 3.0 * len(datasets)), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(len(datasets), len(metrics), squeeze=False)
+    colors = _model_colors(board.models)
+    for row, dataset in enumerate(datasets):
+        for column, metric in enumerate(metrics):
+            axis = axes[row][column]
+            for model in board.models:
+                line = curves[(curves.model == model) & (curves.dataset == dataset) & (curves.metric == metric)]
+                if line.empty:
+                    continue
+                line = line.sort_values("epoch")
+                epochs, mean = line["epoch"].to_numpy(dtype=float), line["mean"].to_numpy(dtype=float)
+                spread = line["std"].fillna(0).to_numpy(dtype=float)
+                axis.plot(epochs, mean, marker="o", color=colors[model], label=_legend_label(board, model))
+                axis.fill_between(epochs, mean - spread, mean + spread, color=colors[model], alpha=0.15, linewidth=0)
+            axis.set_title(f"{dataset}: test {metric}")
+            axis.set_xlabel("epoch")
+            axis.set_xticks(sorted(set(curves.epoch)))  # whole epochs
+            axis.grid(alpha=0.3)
+    handles, labels = [], []
+    for axis in axes.flat:  # every model that has a curve somewhere gets one legend entry
+        for handle, label in zip(*axis.get_legend_handles_labels()):
+            if label not in labels:
+                handles.append(handle)
+                labels.append(label)
+    figure.legend(handles, labels, loc="outside right center", title="model")
+    figure.suptitle("Learning curves (test metrics after each epoch; mean ± std over seeds)", fontsize="medium")
+    figure.savefig(path, dpi=150)
+    return path
+
+
 def _legend_label(board: Leaderboard, model: str) -> str:
     """The model's name, with its seed count when some of its runs have no result."""
     seeds = board.summary[board.summary.model == model]["n_seeds"]

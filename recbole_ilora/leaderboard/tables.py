@@ -70,6 +70,7 @@ class Leaderboard:
     tuning_seeds: list[int] | None = None
     validation: pd.DataFrame = None  # model, dataset, metric, mean, std, n_seeds, seeds of best_valid_result
     variants: dict = None  # row -> {model, overrides}: the rows that run a registered model with other settings
+    curves: pd.DataFrame = None  # model, dataset, epoch, optimizer_steps, metric, mean, std, n_seeds (learning_curve runs)
 
     def mean(self, model: str, dataset: str, metric: str) -> float:
         row = self.summary[(self.summary.model == model) & (self.summary.dataset == dataset) & (self.summary.metric == metric)]
@@ -102,6 +103,8 @@ def build_leaderboard(spec: GridSpec, records: list[dict], cli_overrides=None, c
         tuning_seeds=spec.tune.seeds if spec.tune else None,
         validation=_summary(selected, metric_keys, result="best_valid_result"),
         variants=dict(spec.variants),
+        curves=_learning_curves([record for record in selected if not record["model"].endswith(FUSION_SUFFIX)],
+                                {label: key for label, key in metric_keys.items() if label in curve_metrics(metric_keys)}),
     )
     board.significance = _significance(board, selected, metric_keys)
     board.improvements = _improvements(board)
@@ -149,6 +152,32 @@ def _summary(records: list[dict], metric_keys: dict[str, str], result: str = "te
         mean=("value", "mean"), std=("value", "std"), n_seeds=("seed", "nunique"), seeds=("seed", lambda s: sorted(s))
     )
     return summary.reset_index()
+
+
+CURVE_METRICS = ("HR@1", "NDCG@5")  # the learning curves' metrics, where the grid reports them
+
+
+def curve_metrics(metric_keys) -> list[str]:
+    """The metrics of the learning curves: HR@1 and NDCG@5 of the grid's, else its first two."""
+    labels = list(metric_keys)
+    return [label for label in labels if label in CURVE_METRICS] or labels[:2]
+
+
+def _learning_curves(records: list[dict], metric_keys: dict[str, str]) -> pd.DataFrame:
+    """Test metrics after every validation of the runs with ``learning_curve`` (for the report only: model selection
+    stays on validation): mean and std over seeds per (model, dataset, epoch, metric), in the grid's row order."""
+    columns = ["model", "dataset", "epoch", "optimizer_steps", "metric", "mean", "std", "n_seeds"]
+    rows = [(record["model"], record["dataset"], record["seed"], point["epoch"], point.get("optimizer_steps"), label,
+             point["test_result"][key])
+            for record in records for point in record.get("learning_curve") or ()
+            for label, key in metric_keys.items() if key in (point.get("test_result") or {})]
+    if not rows:
+        return pd.DataFrame(columns=columns)
+    long = pd.DataFrame(rows, columns=["model", "dataset", "seed", "epoch", "optimizer_steps", "metric", "value"])
+    curves = long.groupby(["model", "dataset", "epoch", "metric"], sort=False).agg(
+        optimizer_steps=("optimizer_steps", "max"), mean=("value", "mean"), std=("value", "std"),
+        n_seeds=("seed", "nunique"))
+    return curves.reset_index()[columns]
 
 
 def _costs(records: list[dict]) -> pd.DataFrame:
