@@ -243,6 +243,16 @@ def test_quality_grid_tunes_every_model_with_the_same_budget():
     assert len(spec.tuning_cells()) == 2 * 7 * 4  # datasets x models x trials (one tuning seed)
 
 
+def test_curves_grid_runs_the_authors_five_epochs_to_the_end_with_curves():
+    spec = load_grid_spec("benchmarks/curves-gpu.yaml")
+    assert (spec.models, spec.datasets, spec.seeds) == (["LLaRA", "iLoRA"], ["ml-100k", "lastfm"], [2020])
+    settings = [spec.cell_settings(model, dataset, 2020) for model in spec.models for dataset in spec.datasets]
+    assert all(s["epochs"] == 5 and s["learning_curve"] is True and s["deterministic_algorithms"] is True
+               for s in settings)
+    assert all(s["stopping_step"] >= s["epochs"] for s in settings)  # early stopping never cuts a curve short
+    assert settings[0] == settings[2]  # the same budget for LLaRA and iLoRA
+
+
 def test_ablation_grid_changes_one_thing_per_row_at_the_same_budget():
     spec = load_grid_spec("benchmarks/ablation-gpu.yaml")
     assert spec.models[:2] == ["SASRec", "iLoRA"] and all(spec.base_model(row) == "iLoRA" for row in spec.models[1:])
