@@ -241,6 +241,10 @@ def test_quality_grid_tunes_every_model_with_the_same_budget():
     assert all(spec.cell_settings(model, dataset, 2021)["deterministic_algorithms"] is True
                for model in ("TALLRec", "LLaRA", "iLoRA") for dataset in spec.datasets)
     assert len(spec.tuning_cells()) == 2 * 7 * 4  # datasets x models x trials (one tuning seed)
+    # The authors' generation protocol on their LastFM split, for every LLM and nowhere else.
+    generating = {(model, dataset) for model in spec.models for dataset in spec.datasets
+                  if spec.cell_settings(model, dataset, 2022).get("eval_generate")}
+    assert generating == {(model, "lastfm") for model in ("TALLRec", "LLaRA", "iLoRA")}
 
 
 def test_curves_grid_runs_the_authors_five_epochs_to_the_end_with_curves():
