@@ -6,6 +6,7 @@ Lookup follows RecBole-GNN: plugin classes first, then RecBole's own (trainers: 
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import importlib
 import json
@@ -195,3 +196,14 @@ def deterministic_algorithms(enabled: bool) -> Iterator[None]:
         inductor_config.deterministic = before[2]
         if before[3] is None:
             os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+
+
+def release_device_memory() -> None:
+    """Free what a finished run left: its objects (collected now, cycles included) and the CUDA allocator's cache,
+    which would otherwise stay reserved by this process (for the next run's batch-size probe and for other processes
+    sharing the GPU)."""
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

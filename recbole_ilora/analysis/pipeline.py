@@ -8,7 +8,6 @@ that model, and free it before the next (two LLMs are never held at once).
 
 from __future__ import annotations
 
-import gc
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -47,6 +46,7 @@ from recbole_ilora.analysis.loading import (
     load_run,
     run_label,
 )
+from recbole_ilora.utils import release_device_memory
 
 # Representations of two models' gate encoders count as the same within this tolerance.
 SAME_REPRESENTATION_ATOL = 1e-5
@@ -111,7 +111,7 @@ def analyze(
         results[label] = _analyse_model(model, run, representations, clustering, train_data, test_data, seed,
                                         batch_size, collapse_entropy, show_progress)
         del model
-        _release_memory(run.config["device"])
+        release_device_memory()
 
     sizes = clustering.clusters.sizes().tolist()
     files, tables = report.write_tables_and_figures(
@@ -224,9 +224,3 @@ def _assign_all_users(model, clusters: UserClusters, test_data, num_users: int) 
     if (user_cluster[evaluated_users(test_data)] < 0).any():
         raise RuntimeError("Some evaluated users have no cluster: the test loader lists users the test dataset lacks.")
     return user_cluster, source
-
-
-def _release_memory(device) -> None:
-    gc.collect()
-    if torch.device(device).type == "cuda":
-        torch.cuda.empty_cache()

@@ -51,7 +51,7 @@ def export_leaderboard(
     output_dir = Path(output_dir or spec.results_dir(cli_overrides))
     paths = export_tables(board, output_dir)
     paths["png"] = plot_leaderboard(board, output_dir / "leaderboard.png")
-    if not board.curves.empty:  # runs with learning_curve: true
+    if board.has_curves:  # runs with learning_curve: true
         paths["curves_png"] = plot_learning_curves(board, output_dir / "learning_curves.png")
     print("Leaderboard written:\n" + "\n".join(f"  {fmt:8s} {path}" for fmt, path in paths.items()))
     return paths
@@ -231,7 +231,7 @@ def export_tables(board: Leaderboard, output_dir: str | Path) -> dict[str, Path]
     paths["json"].write_text(to_json(board), encoding="utf-8")
     paths["validation_markdown"].write_text(validation_markdown(board), encoding="utf-8")
     flat_columns(validation_table(board, "plain")).to_csv(paths["validation_csv"], encoding="utf-8")
-    if board.curves is not None and not board.curves.empty:
+    if board.has_curves:
         paths["curves_markdown"] = output_dir / "learning_curves.md"
         paths["curves_csv"] = output_dir / "learning_curves.csv"
         paths["curves_markdown"].write_text(learning_curves_markdown(board), encoding="utf-8")

@@ -14,7 +14,6 @@ has a record.
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
 import shlex
@@ -25,7 +24,6 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from recbole_ilora.config import Config
@@ -40,6 +38,7 @@ from recbole_ilora.leaderboard.store import (
 from recbole_ilora.leaderboard.tuning import TuningResult
 from recbole_ilora.overrides import parse_overrides
 from recbole_ilora.quick_start import run_recbole_ilora
+from recbole_ilora.utils import release_device_memory
 
 logger = logging.getLogger(__name__)
 
@@ -118,14 +117,6 @@ def command_line_value(value) -> str:
     if isinstance(value, str) and parse_overrides([f"--value={value}"])["value"] == value:
         return value
     return repr(value)
-
-
-def release_device_memory() -> None:
-    """Free what a finished cell left: its objects and the CUDA allocator's cache, which would otherwise stay
-    reserved by this process (the next cell's batch-size probe and other processes sharing the GPU need it)."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def describe_protocol(cell: Cell, config_dict: dict) -> dict:

@@ -72,6 +72,11 @@ class Leaderboard:
     variants: dict = None  # row -> {model, overrides}: the rows that run a registered model with other settings
     curves: pd.DataFrame = None  # model, dataset, epoch, optimizer_steps, metric, mean, std, n_seeds (learning_curve runs)
 
+    @property
+    def has_curves(self) -> bool:
+        """Whether some run recorded a learning curve (the curve exports are written then only)."""
+        return self.curves is not None and not self.curves.empty
+
     def mean(self, model: str, dataset: str, metric: str) -> float:
         row = self.summary[(self.summary.model == model) & (self.summary.dataset == dataset) & (self.summary.metric == metric)]
         return float(row["mean"].iloc[0]) if len(row) else math.nan
@@ -103,8 +108,7 @@ def build_leaderboard(spec: GridSpec, records: list[dict], cli_overrides=None, c
         tuning_seeds=spec.tune.seeds if spec.tune else None,
         validation=_summary(selected, metric_keys, result="best_valid_result"),
         variants=dict(spec.variants),
-        curves=_learning_curves([record for record in selected if not record["model"].endswith(FUSION_SUFFIX)],
-                                {label: key for label, key in metric_keys.items() if label in curve_metrics(metric_keys)}),
+        curves=_learning_curves(selected, metric_keys),
     )
     board.significance = _significance(board, selected, metric_keys)
     board.improvements = _improvements(board)
@@ -164,13 +168,16 @@ def curve_metrics(metric_keys) -> list[str]:
 
 
 def _learning_curves(records: list[dict], metric_keys: dict[str, str]) -> pd.DataFrame:
-    """Test metrics after every validation of the runs with ``learning_curve`` (for the report only: model selection
-    stays on validation): mean and std over seeds per (model, dataset, epoch, metric), in the grid's row order."""
+    """Test metrics (:func:`curve_metrics`) after every validation of the runs with ``learning_curve`` (for the report
+    only: model selection stays on validation): mean and std over seeds per (model, dataset, epoch, metric), in the
+    grid's row order. A fusion row has none: its weight is chosen once, after training."""
     columns = ["model", "dataset", "epoch", "optimizer_steps", "metric", "mean", "std", "n_seeds"]
+    keys = {label: metric_keys[label] for label in curve_metrics(metric_keys)}
     rows = [(record["model"], record["dataset"], record["seed"], point["epoch"], point.get("optimizer_steps"), label,
              point["test_result"][key])
-            for record in records for point in record.get("learning_curve") or ()
-            for label, key in metric_keys.items() if key in (point.get("test_result") or {})]
+            for record in records if not record["model"].endswith(FUSION_SUFFIX)
+            for point in record.get("learning_curve") or ()
+            for label, key in keys.items() if key in (point.get("test_result") or {})]
     if not rows:
         return pd.DataFrame(columns=columns)
     long = pd.DataFrame(rows, columns=["model", "dataset", "seed", "epoch", "optimizer_steps", "metric", "value"])
