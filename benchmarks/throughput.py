@@ -8,8 +8,9 @@ Sections (``--sections``), each printed and written to ``--out`` (JSON) as soon 
 - ``train``: optimiser steps (forward + backward + fused AdamW) on the same real ml-100k training batches
   for iLoRA (K experts, gated), LLaRA (K=1) and stock peft LoRA on the same token batches with
   transformers' own loss (``labels=``: full-vocabulary logits at every position, no gate, no behavioural
-  tokens). ``--compile=both`` runs each eager and compiled (``iLoRA.compile_llm``: every decoder layer,
-  regional); ``--liger`` adds iLoRA with liger-kernel's fused RMSNorm / SwiGLU / RoPE (GPU only). Per
+  tokens), and ``frozen``: iLoRA's step with its adapters switched off (the floor under any adapter: the
+  frozen decoder's forward and backward to the behavioural tokens). ``--compile=both`` runs each eager and
+  compiled (``iLoRA.compile_llm``: every decoder layer, regional); ``--liger`` adds iLoRA with liger-kernel's fused RMSNorm / SwiGLU / RoPE (GPU only). Per
   variant: ``warmup_s`` (the ``--warmup`` steps, compilation included), the median step of ``--steps``
   more, samples/s, tokens/s, the padding share of the token slots, peak memory and ``compiles_while_timed``.
 - ``eval``: uni19 users/s of packed candidate scoring (what ``predict`` does), eager and compiled, and
@@ -61,7 +62,8 @@ def parse_args(argv=None):
     parser.add_argument("--llm_path", default="tiny-random-llama")
     parser.add_argument("--dataset", default="ml-100k")
     parser.add_argument("--sections", default="train,eval,fullrank")
-    parser.add_argument("--variants", default="iLoRA,LLaRA,peft", help="training variants")
+    parser.add_argument("--variants", default="iLoRA,LLaRA,peft",
+                        help="training variants: iLoRA, LLaRA, TALLRec, peft (stock peft LoRA), frozen (no adapter)")
     parser.add_argument("--compile", choices=("none", "only", "both"), default="none",
                         help="eager only, compiled only, or both side by side")
     parser.add_argument("--liger", action="store_true", help="add iLoRA with liger-kernel (GPU)")
@@ -272,6 +274,18 @@ def model_step(model):
     return step
 
 
+def frozen_decoder_step(model):
+    """The floor under any adapter: iLoRA's step with every adapter switched off (peft's ``disable_adapter``), so
+    the backward pass still runs through the whole frozen decoder to the projector's behavioural tokens."""
+    step = model_step(model)
+
+    def floor(interaction):
+        with model.llm.disable_adapter():
+            return step(interaction)
+
+    return floor
+
+
 def stock_peft_step(model, compiled):
     """Stock peft LoRA on the same prompts: HF loss via labels=, no gate, text only (placeholders = pad ids)."""
     llm = model.llm  # LLaRA's adapter: one expert, plain peft LoRA
@@ -312,7 +326,11 @@ def bench_training(overrides, args, train, device):
                 mode = ("compiled" if compiled else "eager") + (", activation checkpointing" if checkpoint else "")
                 for variant in args.variants.split(","):
                     try:
-                        if variant == "peft":
+                        if variant == "frozen":
+                            model = build("iLoRA", overrides, args, train, compiled, checkpoint)
+                            row = bench_steps(f"frozen decoder, no adapter (the floor), {mode}",
+                                              frozen_decoder_step(model), batches, args, device)
+                        elif variant == "peft":
                             model = build("LLaRA", overrides, args, train, checkpointing=checkpoint)
                             row = bench_steps(f"stock peft LoRA, {mode}", stock_peft_step(model, compiled), batches,
                                               args, device)
