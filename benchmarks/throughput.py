@@ -10,9 +10,10 @@ Sections (``--sections``), each printed and written to ``--out`` (JSON) as soon 
   transformers' own loss (``labels=``: full-vocabulary logits at every position, no gate, no behavioural
   tokens), and ``frozen``: iLoRA's step with its adapters switched off (the floor under any adapter: the
   frozen decoder's forward and backward to the behavioural tokens). ``--compile=both`` runs each eager and
-  compiled (``iLoRA.compile_llm``: every decoder layer, regional); ``--liger`` adds iLoRA with liger-kernel's fused RMSNorm / SwiGLU / RoPE (GPU only). Per
-  variant: ``warmup_s`` (the ``--warmup`` steps, compilation included), the median step of ``--steps``
-  more, samples/s, tokens/s, the padding share of the token slots, peak memory and ``compiles_while_timed``.
+  compiled (``iLoRA.compile_llm``: every decoder layer, regional, with ``--compile_options``); ``--liger`` adds
+  iLoRA with liger-kernel's fused RMSNorm / SwiGLU / RoPE (GPU only). Per variant: ``warmup_s`` (the
+  ``--warmup`` steps, compilation included), the median step of ``--steps`` more, samples/s, tokens/s, the
+  padding share of the token slots, peak memory and ``compiles_while_timed``.
 - ``eval``: uni19 users/s of packed candidate scoring (what ``predict`` does), eager and compiled, and
   of greedy generation (the authors' protocol, ``--max_new_tokens``); the ratio of the two.
 - ``fullrank``: seconds to score every item for every ml-100k test user, and for a catalogue of ml-1m's
@@ -93,22 +94,29 @@ def parse_args(argv=None):
     parser.add_argument("--torch_config", type=json.loads, default={},
                         help='JSON of torch compiler settings set before anything compiles, keyed by torch._inductor or '
                              'torch._functorch config name, e.g. \'{"inductor.fallback_random": true}\'')
+    parser.add_argument("--compile_options", type=json.loads, default={},
+                        help='JSON of torch.compile keyword arguments for the compiled variants, e.g. '
+                             '\'{"mode": "max-autotune-no-cudagraphs"}\' or \'{"mode": "reduce-overhead"}\'')
     parser.add_argument("--out", default="outputs/results/benchmark.json")
     return parser.parse_args(argv)
 
 
 def apply_torch_config(settings: dict) -> None:
-    """Set ``torch._inductor.config`` / ``torch._functorch.config`` entries (``{"inductor.name": value}``)."""
+    """Set ``torch._inductor.config`` / ``torch._functorch.config`` entries (``{"inductor.name": value}``; nested
+    ones as ``inductor.triton.cudagraphs``)."""
     import torch._functorch.config
     import torch._inductor.config
 
     modules = {"inductor": torch._inductor.config, "functorch": torch._functorch.config}
     for key, value in settings.items():
-        prefix, _, name = key.partition(".")
-        if prefix not in modules or not hasattr(modules[prefix], name):
+        prefix, *path = key.split(".")
+        owner = modules.get(prefix)
+        for part in path[:-1]:
+            owner = getattr(owner, part, None)
+        if owner is None or not path or not hasattr(owner, path[-1]):
             raise SystemExit(f"--torch_config: {key!r} is not a torch._inductor or torch._functorch config entry "
                              f"(write it as inductor.<name> or functorch.<name>).")
-        setattr(modules[prefix], name, value)
+        setattr(owner, path[-1], value)
 
 
 # Architectures to simulate with random weights: the paper's LLM, from its published config.
@@ -218,7 +226,7 @@ def build(model_name, overrides, args, train, compiled=False, checkpointing=Fals
     if checkpointing:
         model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if compiled:
-        model.compile_llm()
+        model.compile_llm(**args.compile_options)
     return model
 
 
