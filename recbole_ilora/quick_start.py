@@ -30,7 +30,7 @@ from recbole_ilora.projection import check_cpu_run, recheck_after_first_step
 from recbole_ilora.score_fusion import LLMScoreReplay, choose_fusion_weight, scoring_with, without_generation
 from recbole_ilora.settings import check_run_environment
 from recbole_ilora.trainer import get_trainer, resume_training
-from recbole_ilora.utils import deterministic_algorithms, is_plugin_model, isolated_rng
+from recbole_ilora.utils import deterministic_algorithms, device_description, is_plugin_model, isolated_rng
 
 
 
@@ -63,8 +63,8 @@ def run_recbole_ilora(
     Returns RecBole's dict (``best_valid_score``, ``valid_score_bigger``, ``best_valid_result``,
     ``test_result``, metrics as plain floats) plus ``test_per_user`` (per-user metric vectors on the test
     set), ``num_trainable_parameters``, ``train_time_s``, ``eval_time_s``, ``peak_memory_gib`` (None on
-    CPU), ``device`` and ``log_file``. With ``score_fusion`` (plugin models), ``score_fusion`` too: the SASRec
-    ``weight`` chosen on validation, ``valid_by_weight`` (the valid metric at every weight), and the fused
+    CPU), ``device`` (the GPU's model beside ``cuda``) and ``log_file``. With ``score_fusion`` (plugin models),
+    ``score_fusion`` too: the SASRec ``weight`` chosen on validation, ``valid_by_weight`` (the valid metric at every weight), and the fused
     ``best_valid_result``, ``test_result``, ``test_per_user`` and ``eval_time_s``; the plain results stay the LLM's.
     """
     config = Config(model=model, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict)
@@ -202,7 +202,7 @@ def _train_and_test(config, saved):
         "train_time_s": train_time,
         "eval_time_s": eval_time,
         "peak_memory_gib": _peak_memory_gib(config["device"]),
-        "device": str(config["device"]),
+        "device": device_description(config["device"]),
         "learning_curve": curve,
     }
     if fusion:

@@ -198,6 +198,17 @@ def deterministic_algorithms(enabled: bool) -> Iterator[None]:
             os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
 
 
+def device_description(device) -> str:
+    """``device`` as a results record names it: the GPU's model beside ``cuda`` (``cuda (NVIDIA H200)``), so cells
+    run on different GPUs say so; ``cpu`` as it is."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return str(device)
+
+
 def release_device_memory() -> None:
     """Free what a finished run left: its objects (collected now, cycles included) and the CUDA allocator's cache,
     which would otherwise stay reserved by this process (for the next run's batch-size probe and for other processes

@@ -18,6 +18,7 @@ from collections import OrderedDict
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 import yaml
 from scipy import stats
 
@@ -1142,3 +1143,13 @@ def test_a_learning_curve_is_recorded_with_json_floats(tmp_path, ml100k_slice):
         {"epoch": 1, "optimizer_steps": 4, "valid_score": 0.25, "test_result": {"hit@1": 0.125, "ndcg@5": 0.5}},
         {"epoch": 2, "optimizer_steps": None, "valid_score": 0.375, "test_result": {"hit@1": 0.25}}]
     assert "learning_curve" not in by_model["SASRec", 1]  # an empty curve is not recorded
+
+
+def test_a_record_names_the_gpu_that_ran_it(monkeypatch):
+    from recbole_ilora.utils import device_description
+
+    assert device_description("cpu") == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    assert device_description("cuda") == "cuda (NVIDIA H200)"
+    assert device_description(torch.device("cuda", 0)) == "cuda (NVIDIA H200)"
