@@ -45,6 +45,7 @@ A candidate's score aggregates the log-probabilities of its answer tokens (``tit
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -186,6 +187,20 @@ def _kv_blocks(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return counts[:, None], indices[:, None]
 
 
+# ---------------------------------------------------------------------------------------- log-probabilities
+def target_log_probs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``log_softmax(logits)[i, targets[i]]`` in fp32, from ``[N, V]`` logits of any float dtype."""
+    logits = logits.float()
+    return logits.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(logits, dim=1)
+
+
+@functools.cache
+def _compiled_target_log_probs():
+    """:func:`target_log_probs` compiled once per process: one reduction kernel over the half-precision logits (the
+    fp32 cast fused into it), for blocks of any number of tokens (dynamic: a pack's last block is shorter)."""
+    return torch.compile(target_log_probs, dynamic=True)
+
+
 # ------------------------------------------------------------------------------------------------- scorer
 class PackedScorer:
     """Scores ``[G, M]`` candidate items after ``G`` prompts (see the module docstring).
@@ -286,16 +301,23 @@ class PackedScorer:
         # would wait for the device to learn their number.
         rows = torch.repeat_interleave(torch.arange(groups, device=device), counts, output_size=num_valid)
         cols = torch.arange(num_valid, device=device) - (torch.cumsum(counts, 0) - counts)[rows]
-        log_probs = self._token_log_probs(previous[rows, cols], ids[rows, cols])
+        log_probs = self._token_log_probs(previous[rows, cols], ids[rows, cols], fused=flex)
         slot_of_token = rows * slots + segment[rows, cols]
         return self.aggregate(log_probs, slot_of_token, offset[rows, cols], groups * slots).view(groups, slots)
 
-    def _token_log_probs(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def _token_log_probs(self, hidden: torch.Tensor, targets: torch.Tensor, fused: bool = False) -> torch.Tensor:
         """``log p(target | hidden)`` per token, the vocabulary-wide logits computed a block of tokens at a time
         (a pack of a full ranking holds tens of thousands of candidate tokens: all their logits at once
-        would take gigabytes)."""
+        would take gigabytes). ``fused`` (the flex path's): :func:`target_log_probs`, compiled on CUDA, which reads
+        each block's logits once instead of writing an fp32 copy and a log-softmax of them; the unfused path keeps
+        the scores of every earlier uniN run bit for bit."""
+        head = self.lm.model.get_output_embeddings()
+        if fused:
+            log_probs = _compiled_target_log_probs() if hidden.is_cuda else target_log_probs
+            return torch.cat([log_probs(head(block), block_targets) for block, block_targets
+                              in zip(hidden.split(LOGIT_BLOCK_TOKENS), targets.split(LOGIT_BLOCK_TOKENS))])
         return torch.cat([
-            -F.cross_entropy(self.lm.model.get_output_embeddings()(block).float(), block_targets, reduction="none")
+            -F.cross_entropy(head(block).float(), block_targets, reduction="none")
             for block, block_targets in zip(hidden.split(LOGIT_BLOCK_TOKENS), targets.split(LOGIT_BLOCK_TOKENS))
         ])
 

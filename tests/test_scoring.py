@@ -12,7 +12,7 @@ from torch.nn.attention.flex_attention import create_block_mask, create_mask
 
 from recbole_ilora import scoring
 from recbole_ilora.scoring import (FLEX_BLOCK_TOKENS, SCORE_AGGREGATIONS, SDPA_OR_FLEX, PackedScorer, dense_mask,
-                                   display_order, flex_block_mask, group_candidate_rows)
+                                   display_order, flex_block_mask, group_candidate_rows, target_log_probs)
 from tests.helpers import first_batch, first_training_batch, make_tiny_model, randomize_lora_b
 
 ATTENTIONS = ("dense", "flex")
@@ -216,6 +216,21 @@ def test_flex_scores_equal_dense_scores(tiny_setup, aggregation):
     torch.testing.assert_close(flex, dense, atol=1e-4, rtol=1e-4)
     for ranking in (flex_ranking, flex_ranking_in_packs):
         torch.testing.assert_close(ranking[:, 1:], dense_ranking[:, 1:], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_target_log_probs_equal_the_cross_entropy_compiled_or_not(dtype):
+    """The flex path's log-probabilities (one reduction over the logits, compiled on CUDA) against the unfused path's
+    ``-cross_entropy`` of the fp32 logits, on the same half- or full-precision logits, blocks of two lengths."""
+    generator = torch.Generator().manual_seed(0)
+    compiled = torch.compile(target_log_probs, dynamic=True)
+    for tokens in (37, 5):
+        logits = (8 * torch.randn(tokens, 1000, generator=generator)).to(dtype)
+        targets = torch.randint(1000, (tokens,), generator=generator)
+        expected = -torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")
+        torch.testing.assert_close(target_log_probs(logits, targets), expected, atol=1e-5, rtol=1e-6)
+        torch.testing.assert_close(compiled(logits, targets), expected, atol=1e-5, rtol=1e-6)
+        assert target_log_probs(logits, targets).dtype == torch.float32
 
 
 def test_flex_runs_for_the_scorer_only(tiny_setup, monkeypatch):
