@@ -21,7 +21,8 @@ Sections (``--sections``), each printed and written to ``--out`` (JSON) as soon 
   realistic); ``--synthetic_measure_users`` users are scored and the total extrapolated linearly. The scorer
   applies its mask as ``score_attention`` says (``auto``: FlexAttention on CUDA, one copy of the prompt for the
   whole catalogue; ``--settings='{"score_attention": "dense"}'`` for the dense packs); under flex, each row also
-  gives ``max_abs_diff_vs_dense``, its first batch of users scored again under the dense mask.
+  gives ``max_abs_diff_vs_dense``, its first batch of users scored again under the dense mask; ``--fullrank_floor``
+  ranks the real users again with the adapters off (what the LoRA branch costs).
 - ``memory``: the largest training batch that fits (doubling from ``--batch_size`` until out of memory),
   eager iLoRA, with peak memory per batch size.
 
@@ -77,6 +78,8 @@ def parse_args(argv=None):
     parser.add_argument("--max_new_tokens", type=int, default=64)
     parser.add_argument("--fullrank_batch_users", type=int, default=16)
     parser.add_argument("--fullrank_users", type=int, default=None, help="limit the real test users (default all)")
+    parser.add_argument("--fullrank_floor", action="store_true",
+                        help="rank the real test users again with the adapters off: what the LoRA branch costs")
     parser.add_argument("--score_pack_tokens", type=int, default=None, help="default: the model's setting")
     parser.add_argument("--synthetic_users", type=int, default=6040)
     parser.add_argument("--synthetic_items", type=int, default=3706)
@@ -422,12 +425,12 @@ def attention_used(model, device, many_candidates: bool = True) -> dict:
             "pack_tokens": model.scorer.pack_tokens or ("all" if flex else DENSE_PACK_TOKENS)}
 
 
-def rank_all(model, users, args, device) -> dict:
+def rank_all(model, users, args, device, compare: bool = True) -> dict:
     n = len(users)
     chunks = [users[torch.arange(i, min(i + args.fullrank_batch_users, n))] for i in range(0, n, args.fullrank_batch_users)]
     run = warm_up_and_time(lambda c: model.full_sort_predict(c.to(device)), chunks, device)
     scores = run.pop("out")
-    if model.scorer.uses_flex(device):  # the first batch again under the dense mask, the reference (not timed)
+    if compare and model.scorer.uses_flex(device):  # the first batch again under the dense mask, the reference (not timed)
         attention, model.scorer.attention = model.scorer.attention, "dense"
         try:
             dense = model.full_sort_predict(chunks[0].to(device))
@@ -447,6 +450,12 @@ def bench_fullrank(overrides, args, train, test, device):
     mode = "compiled" if compiled else "eager"
     rows = [{"variant": f"full ranking, {args.dataset} test users, {mode}", **attention_used(model, device),
              "users": len(users), "items": model.n_items - 1, "extrapolated": False, **rank_all(model, users, args, device)}]
+    if args.fullrank_floor:
+        with model.llm.disable_adapter():
+            floor = rank_all(model, users, args, device, compare=False)
+        rows.append({"variant": f"full ranking, {args.dataset} test users, {mode}, adapters off (the floor)",
+                     **attention_used(model, device), "users": len(users), "items": model.n_items - 1,
+                     "extrapolated": False, **floor})
     # ml-1m-sized catalogue: items 1..n are the real ones (real histories keep their titles and behavioural
     # tokens), the rest cycle real titles with a suffix; candidates are the whole synthetic catalogue.
     titles = model.prompt.titles[1:]
