@@ -3,8 +3,9 @@
 iLoRA needs a conventional sequential recommender trained on the same data: its sequence
 representation ``z`` feeds the gate, its item embeddings become behavioural tokens. With
 ``gate_checkpoint`` unset it lives under ``<checkpoint_dir>/gate_encoders/`` with a name that hashes
-everything that defines it (:func:`gate_encoder_path`); the pipeline pretrains it there before the model
-is built (:mod:`recbole_ilora.pipeline`), and the next run with the same data and settings reuses it.
+everything that defines it, the device it is pretrained on included (:func:`gate_encoder_path`); the pipeline
+pretrains it there before the model is built (:mod:`recbole_ilora.pipeline`), and the next run with the same data,
+settings and device reuses it.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 from recbole.model.sequential_recommender import SASRec
 from recbole.utils import argument_list
 
-from recbole_ilora.utils import fingerprint, isolated_rng, result_settings
+from recbole_ilora.utils import device_description, fingerprint, isolated_rng, result_settings
 
 # Settings that define the data a gate encoder was trained on: RecBole's dataset arguments, the split
 # and the seed. Everything else of the LLM run (learning rate, batch size, epochs) is not passed on.
@@ -44,7 +45,10 @@ def gate_encoder_path(config) -> Path:
     """Where the gate encoder of ``config`` is: ``gate_checkpoint`` if set, else its place in the cache."""
     if config["gate_checkpoint"]:
         return Path(config["gate_checkpoint"])
-    digest = fingerprint({"dataset": config["dataset"], **result_settings(gate_run_settings(config))})
+    # The device is part of what defines it: a SASRec pretrained on a CPU (or another GPU model) has other weights
+    # than the one a GPU run would pretrain, and a cache shared between machines must not hand one to the other.
+    digest = fingerprint({"dataset": config["dataset"], "device": device_description(config["device"]),
+                          **result_settings(gate_run_settings(config))})
     return Path(config["checkpoint_dir"]) / "gate_encoders" / f"SASRec-{config['dataset']}-{digest}.pth"
 
 

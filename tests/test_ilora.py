@@ -172,6 +172,24 @@ def test_same_metrics_whether_the_gate_encoder_is_pretrained_or_cached(tiny_setu
     assert cold["best_valid_result"] == warm["best_valid_result"]
 
 
+def test_a_gate_encoder_pretrained_on_another_device_is_not_reused(tiny_setup, monkeypatch):
+    """A cache shared by a CPU and a GPU machine: each pretrains (and finds) its own gate encoder."""
+    from recbole_ilora.config import Config
+    from recbole_ilora.gate_encoder import gate_encoder_path
+
+    config = Config(model="iLoRA", dataset="ml-100k-slice", config_dict=tiny_setup[0])
+    on_cpu = gate_encoder_path(config)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    config["device"] = torch.device("cuda")
+    on_h200 = gate_encoder_path(config)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    on_h100 = gate_encoder_path(config)
+    assert len({on_cpu, on_h200, on_h100}) == 3 and on_cpu.parent == on_h200.parent
+    config["device"] = torch.device("cpu")
+    assert gate_encoder_path(config) == on_cpu
+
+
 def test_learning_curve_records_test_metrics_without_changing_the_run(tiny_setup, tmp_path):
     overrides = {**tiny_setup[0], "epochs": 2, "limit_train_batches": 2, "stopping_step": 10}
     plain = run_recbole_ilora("iLoRA", "ml-100k-slice", config_dict=overrides)
