@@ -227,6 +227,7 @@ class PackedScorer:
         self.aggregation = aggregation
         self.log_ghost_threshold = math.log(ghost_token_threshold)
         self.attention = attention
+        self.compiled = False  # set when the decoder is compiled: the flex path's log-probabilities are compiled too
         # Switched here, not per call (auto decides by the device): a compiled decoder then sees one implementation.
         self.flex_supported = attention != "dense" and route_block_masks_to_flex(lm.model)
         if attention == "flex" and not self.flex_supported:
@@ -308,12 +309,12 @@ class PackedScorer:
     def _token_log_probs(self, hidden: torch.Tensor, targets: torch.Tensor, fused: bool = False) -> torch.Tensor:
         """``log p(target | hidden)`` per token, the vocabulary-wide logits computed a block of tokens at a time
         (a pack of a full ranking holds tens of thousands of candidate tokens: all their logits at once
-        would take gigabytes). ``fused`` (the flex path's): :func:`target_log_probs`, compiled on CUDA, which reads
+        would take gigabytes). ``fused`` (the flex path's): :func:`target_log_probs`, compiled with the decoder, reads
         each block's logits once instead of writing an fp32 copy and a log-softmax of them; the unfused path keeps
         the scores of every earlier uniN run bit for bit."""
         head = self.lm.model.get_output_embeddings()
         if fused:
-            log_probs = _compiled_target_log_probs() if hidden.is_cuda else target_log_probs
+            log_probs = _compiled_target_log_probs() if self.compiled else target_log_probs
             return torch.cat([log_probs(head(block), block_targets) for block, block_targets
                               in zip(hidden.split(LOGIT_BLOCK_TOKENS), targets.split(LOGIT_BLOCK_TOKENS))])
         return torch.cat([

@@ -148,8 +148,10 @@ class iLoRA(SequentialRecommender):
         return torch.autocast("cuda", dtype=self.autocast_dtype) if self.autocast_dtype else nullcontext()
 
     def compile_llm(self, **compile_kwargs) -> None:
-        """``torch.compile`` the LLM's decoder layers (see :meth:`ExpertLoraModel.compile_decoder`)."""
+        """``torch.compile`` the LLM's decoder layers (see :meth:`ExpertLoraModel.compile_decoder`) and the scorer's
+        log-probabilities of full rankings."""
         self.adapter.compile_decoder(**compile_kwargs)
+        self.scorer.compiled = True
 
     def save_pretrained(self, folder) -> None:
         """The adapter (experts, gate, projector) in peft's format: ``adapter_config.json`` + safetensors."""
