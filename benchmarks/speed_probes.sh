@@ -17,7 +17,8 @@ read -r -a extra <<< "${EXTRA:-}"
 train="$llm --compile=only --sections=train --batch_size=${BATCH:-128}"
 probe() {  # name, arguments
     local name=$1; shift
-    python "$bench" "$@" "${extra[@]}" --out="$out/$name.json" > "$out/$name.log" 2>&1 || echo "$name failed (see $out/$name.log)"
+    python "$bench" "$@" "${extra[@]}" --out="$out/$name.json" > "$out/$name.log" 2>&1 ||
+        echo "$name failed (see $out/$name.log)"
 }
 probe train-floor $train --variants=iLoRA,frozen
 probe fullrank $llm --compile=only --sections=fullrank --fullrank_users=256 --synthetic_measure_users=128 \

@@ -430,7 +430,7 @@ def rank_all(model, users, args, device, compare: bool = True) -> dict:
     chunks = [users[torch.arange(i, min(i + args.fullrank_batch_users, n))] for i in range(0, n, args.fullrank_batch_users)]
     run = warm_up_and_time(lambda c: model.full_sort_predict(c.to(device)), chunks, device)
     scores = run.pop("out")
-    if compare and model.scorer.uses_flex(device):  # the first batch again under the dense mask, the reference (not timed)
+    if compare and model.scorer.uses_flex(device):  # the first batch again under the dense mask (not timed)
         attention, model.scorer.attention = model.scorer.attention, "dense"
         try:
             dense = model.full_sort_predict(chunks[0].to(device))

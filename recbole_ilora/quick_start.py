@@ -64,8 +64,9 @@ def run_recbole_ilora(
     ``test_result``, metrics as plain floats) plus ``test_per_user`` (per-user metric vectors on the test
     set), ``num_trainable_parameters``, ``train_time_s``, ``eval_time_s``, ``peak_memory_gib`` (None on
     CPU), ``device`` (the GPU's model beside ``cuda``) and ``log_file``. With ``score_fusion`` (plugin models),
-    ``score_fusion`` too: the SASRec ``weight`` chosen on validation, ``valid_by_weight`` (the valid metric at every weight), and the fused
-    ``best_valid_result``, ``test_result``, ``test_per_user`` and ``eval_time_s``; the plain results stay the LLM's.
+    ``score_fusion`` too: the SASRec ``weight`` chosen on validation, ``valid_by_weight`` (the valid metric at
+    every weight), and the fused ``best_valid_result``, ``test_result``, ``test_per_user`` and ``eval_time_s``; the
+    plain results stay the LLM's.
     """
     config = Config(model=model, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict)
     if config["eval_checkpoint"]:

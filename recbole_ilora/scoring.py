@@ -194,6 +194,12 @@ def target_log_probs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tenso
     return logits.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(logits, dim=1)
 
 
+def _cross_entropy_log_probs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """:func:`target_log_probs` as every run before the fused path computed it (an fp32 copy of the logits, then the
+    cross-entropy): the uniN scores of earlier runs, bit for bit."""
+    return -F.cross_entropy(logits.float(), targets, reduction="none")
+
+
 @functools.cache
 def _compiled_target_log_probs():
     """:func:`target_log_probs` compiled once per process: one reduction kernel over the half-precision logits (the
@@ -313,14 +319,12 @@ class PackedScorer:
         each block's logits once instead of writing an fp32 copy and a log-softmax of them; the unfused path keeps
         the scores of every earlier uniN run bit for bit."""
         head = self.lm.model.get_output_embeddings()
-        if fused:
+        if not fused:
+            log_probs = _cross_entropy_log_probs
+        else:
             log_probs = _compiled_target_log_probs() if self.compiled else target_log_probs
-            return torch.cat([log_probs(head(block), block_targets) for block, block_targets
-                              in zip(hidden.split(LOGIT_BLOCK_TOKENS), targets.split(LOGIT_BLOCK_TOKENS))])
-        return torch.cat([
-            -F.cross_entropy(head(block).float(), block_targets, reduction="none")
-            for block, block_targets in zip(hidden.split(LOGIT_BLOCK_TOKENS), targets.split(LOGIT_BLOCK_TOKENS))
-        ])
+        return torch.cat([log_probs(head(block), block_targets) for block, block_targets
+                          in zip(hidden.split(LOGIT_BLOCK_TOKENS), targets.split(LOGIT_BLOCK_TOKENS))])
 
     def aggregate(self, log_probs, slot_of_token, offset, num_slots: int) -> torch.Tensor:
         """Per-slot scores from token log-probabilities (``slot_of_token``: each token's slot; ``offset``: its index

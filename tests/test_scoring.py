@@ -220,8 +220,8 @@ def test_flex_scores_equal_dense_scores(tiny_setup, aggregation):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_target_log_probs_equal_the_cross_entropy_compiled_or_not(dtype):
-    """The flex path's log-probabilities (one reduction over the logits, compiled on CUDA) against the unfused path's
-    ``-cross_entropy`` of the fp32 logits, on the same half- or full-precision logits, blocks of two lengths."""
+    """The flex path's log-probabilities (one reduction over the logits, compiled with the decoder) against the unfused
+    path's ``-cross_entropy`` of the fp32 logits, on the same half- or full-precision logits, blocks of two lengths."""
     generator = torch.Generator().manual_seed(0)
     compiled = torch.compile(target_log_probs, dynamic=True)
     for tokens in (37, 5):
